@@ -1,0 +1,35 @@
+"""Bearer-token check for every `/v1` route.
+
+Tokens are compared in constant time against every configured token (several allow rotation),
+the scheme is matched in any letter case (RFC 7235), and the credentials are taken exactly as
+sent: a token with stray spaces is a different token.
+"""
+
+from __future__ import annotations
+
+import hmac
+
+from api.errors import ApiError
+
+
+def token_matches(header: str | None, tokens: list[str]) -> bool:
+    if not header:
+        return False
+    scheme, _, credentials = header.partition(" ")
+    if scheme.lower() != "bearer" or not credentials:
+        return False
+    given = credentials.encode()
+    matched = False
+    for token in tokens:  # no early exit: timing does not tell which token or how far it matched
+        matched |= hmac.compare_digest(given, token.encode())
+    return matched
+
+
+def require_token(header: str | None, tokens: list[str]) -> None:
+    """Raise 401 unless the server is open (no tokens) or the header carries a valid token."""
+    if tokens and not token_matches(header, tokens):
+        raise ApiError(
+            401,
+            "missing or invalid bearer token" if header else "missing Authorization header",
+            headers={"WWW-Authenticate": 'Bearer realm="rerank"'},
+        )

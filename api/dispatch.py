@@ -1,0 +1,98 @@
+"""Sending a synchronous call to the workers and waiting for its answer.
+
+The call is a Celery task (JSON) on the model's realtime queue, with an expiry at its deadline so
+a worker never scores what nobody waits for. The answer comes back on a per-call Redis list that
+this thread waits on with BLPOP: Celery's Redis result backend shares one pub/sub connection per
+process, which is not safe under gunicorn's threads (celery/celery#3761, #6335).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import redis
+from kombu.exceptions import OperationalError
+
+from api.errors import ApiError
+from shared import names
+from shared.celery_config import make_celery
+from shared.schemas import ScoreReply, ScoreTask
+from shared.settings import ModelSpec, Settings
+from shared.workers import WorkerRegistry
+
+log = logging.getLogger(__name__)
+
+#: How often a waiting call checks that some worker is still alive for its model.
+LIVENESS_CHECK_SECONDS = 1.0
+
+
+@dataclass
+class Scored:
+    logits: list[float]
+    input_tokens: int
+
+
+class Dispatcher:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.celery = make_celery(settings, "rerank-api")
+        # BLPOP holds a connection while it waits, so the socket timeout must outlast one wait.
+        self.redis = redis.Redis.from_url(
+            settings.broker_url,
+            socket_connect_timeout=2,
+            socket_timeout=LIVENESS_CHECK_SECONDS + 5,
+            health_check_interval=30,
+        )
+        self.workers = WorkerRegistry(self.redis)
+
+    def _require_worker(self, model: ModelSpec, *, fresh: bool = False) -> None:
+        if not self.workers.alive(model.name, fresh=fresh):
+            raise ApiError(503, f"no worker is serving model {model.name!r} right now")
+
+    def score(self, model: ModelSpec, query: str, documents: list[str], request_id: str) -> Scored:
+        """Logits of each document for the query, or ApiError 503/504/500."""
+        try:
+            return self._score(model, query, documents, request_id)
+        except (redis.RedisError, OperationalError) as exc:
+            log.warning("redis unreachable: %s", exc)
+            raise ApiError(503, "the queue (Redis) is unreachable") from None
+
+    def _score(self, model: ModelSpec, query: str, documents: list[str], request_id: str) -> Scored:
+        self._require_worker(model)
+        deadline = time.time() + self.settings.sync_timeout
+        call_id = uuid.uuid4().hex
+        task = ScoreTask(
+            call_id=call_id,
+            request_id=request_id,
+            query=query,
+            documents=documents,
+            deadline=deadline,
+        )
+        self.celery.send_task(
+            names.RERANK_TASK,
+            args=[task.model_dump()],
+            queue=names.realtime_queue(model.name),
+            expires=datetime.fromtimestamp(deadline, tz=timezone.utc),
+            task_id=call_id,
+        )
+        key = names.reply_key(call_id)
+        while True:
+            left = deadline - time.time()
+            if left <= 0:
+                raise ApiError(
+                    504, f"no answer within {self.settings.sync_timeout:g}s (SYNC_TIMEOUT)"
+                )
+            item = self.redis.blpop([key], timeout=min(LIVENESS_CHECK_SECONDS, left))
+            if item is not None:
+                return self._unpack(ScoreReply.model_validate_json(item[1]))
+            self._require_worker(model, fresh=True)
+
+    @staticmethod
+    def _unpack(reply: ScoreReply) -> Scored:
+        if reply.error is not None or reply.logits is None:
+            raise ApiError(reply.status or 500, reply.error or "worker returned no scores")
+        return Scored(logits=reply.logits, input_tokens=reply.input_tokens)

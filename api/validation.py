@@ -1,0 +1,35 @@
+"""Request bodies validated by the pydantic models in shared/schemas.py.
+
+Malformed JSON is a 400; JSON that does not fit the model is a 422 that names each bad field.
+"""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+from flask import request
+from pydantic import BaseModel, ValidationError
+
+from api.errors import ApiError
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def _where(loc: tuple[object, ...]) -> str:
+    return ".".join(str(part) for part in loc) or "body"
+
+
+def parse_body(model: type[M]) -> M:
+    body = request.get_data(cache=False)  # over MAX_CONTENT_LENGTH: 413 before we read it
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as exc:
+        errors = exc.errors(include_input=False, include_url=False)
+        if any(e["type"] == "json_invalid" for e in errors):
+            detail = errors[0]["ctx"].get("error", "") if errors[0].get("ctx") else ""
+            raise ApiError(400, f"request body is not valid JSON: {detail}".rstrip(": ")) from None
+        if any(e["type"] == "model_type" and not e["loc"] for e in errors):
+            raise ApiError(422, "request body must be a JSON object") from None
+        fields = [{"field": _where(e["loc"]), "message": e["msg"]} for e in errors]
+        summary = "; ".join(f"{f['field']}: {f['message']}" for f in fields[:5])
+        raise ApiError(422, f"invalid request: {summary}", fields=fields) from None

@@ -1,0 +1,42 @@
+"""`python -m rerank`: the command line of rerank-service.
+
+    python -m rerank up                      # Redis (if REDIS_URL is unset), workers, API on :6006
+    python -m rerank make-model DIR          # a random-weight reranker to try the service offline
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from shared.logs import configure_logging
+from shared.settings import get_settings
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m rerank", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("up", help="start Redis (unless REDIS_URL is set), one worker per model and the API")
+    make = sub.add_parser("make-model", help="save a random-weight XLM-R reranker (no download)")
+    make.add_argument("out", help="folder to write")
+    make.add_argument("--arch", default="tiny", choices=["tiny", "small", "base", "large", "v2-m3"])
+    make.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    if args.command == "up":
+        from rerank.launch import up
+
+        settings = get_settings()
+        configure_logging(settings)
+        return up(settings)
+    if args.command == "make-model":
+        from rerank.random_model import build_model
+
+        print(build_model(args.out, args.arch, seed=args.seed))
+        return 0
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,35 @@
+"""Names both sides of Redis must agree on: Celery task names, queues and our own keys.
+
+Kept in one place because a typo on either side would not fail, it would just never meet.
+"""
+
+from __future__ import annotations
+
+#: Celery task that scores one synchronous request.
+RERANK_TASK = "rerank.realtime"
+
+#: Every key we write ourselves starts with this, so a shared Redis stays tidy.
+PREFIX = "rerank"
+
+
+def realtime_queue(model: str) -> str:
+    return f"{PREFIX}.{model}.realtime"
+
+
+def bulk_queue(model: str) -> str:
+    return f"{PREFIX}.{model}.bulk"
+
+
+def reply_key(call_id: str) -> str:
+    """List the worker pushes a synchronous call's answer onto (the API waits with BLPOP)."""
+    return f"{PREFIX}:reply:{call_id}"
+
+
+def workers_key(model: str) -> str:
+    """Set of the ids of workers that announced themselves for a model."""
+    return f"{PREFIX}:workers:{model}"
+
+
+def worker_key(worker_id: str) -> str:
+    """A worker's heartbeat: its description, expiring unless refreshed."""
+    return f"{PREFIX}:worker:{worker_id}"

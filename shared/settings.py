@@ -1,0 +1,185 @@
+"""The one settings object of the service, read from the environment.
+
+The API, the workers and the launcher all read the same variables, so a model name, a queue name
+or a limit can never mean one thing on one side and another on the other. Every variable is
+documented in README.md; names follow FastGPT's seed server where it has one (`ACCESS_TOKEN`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+#: The three checkpoints we are built for: name -> (Hugging Face id, longest input in tokens).
+KNOWN_MODELS: dict[str, tuple[str, int]] = {
+    "bge-reranker-base": ("BAAI/bge-reranker-base", 512),
+    "bge-reranker-large": ("BAAI/bge-reranker-large", 512),
+    "bge-reranker-v2-m3": ("BAAI/bge-reranker-v2-m3", 8192),
+}
+
+#: Redis used when nothing says otherwise (the API or a worker started alone on a dev machine).
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+class ModelSpec(BaseModel):
+    """A served model: the name clients use, where the weights come from, how long an input may be."""
+
+    name: str
+    source: str
+    max_length: int = Field(ge=8)
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_queue_safe(cls, value: str) -> str:
+        # The name becomes part of queue names and Redis keys, so keep it to a tame alphabet.
+        if not _NAME.match(value):
+            raise ValueError(f"model name {value!r} must be letters, digits, '.', '_' or '-'")
+        return value
+
+    @property
+    def aliases(self) -> set[str]:
+        """Names a request may use for this model: ours and the Hugging Face id it maps to."""
+        return {self.name, self.source}
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(extra="ignore", case_sensitive=False, frozen=True)
+
+    # --- access -------------------------------------------------------------------------------
+    access_token: SecretStr | None = Field(
+        default=None, description="Bearer token(s), comma-separated for rotation; unset = open."
+    )
+
+    # --- where things are ---------------------------------------------------------------------
+    redis_url: str | None = Field(
+        default=None, description="Broker and state store; unset = the launcher starts its own."
+    )
+    data_dir: Path = Field(default=Path("data"), description="Local Redis data and job storage.")
+
+    # --- models -------------------------------------------------------------------------------
+    models: str = Field(
+        default="bge-reranker-base",
+        description="Served models: 'name[=source]' comma-separated, or a JSON list of objects.",
+    )
+    max_length: int = Field(default=512, ge=8, description="Default tokens per (query, document).")
+
+    # --- HTTP ---------------------------------------------------------------------------------
+    host: str = "0.0.0.0"
+    port: int = Field(default=6006, ge=1, le=65535)
+    api_workers: int = Field(default=2, ge=1, description="gunicorn processes.")
+    api_threads: int = Field(default=32, ge=1, description="Threads per gunicorn process.")
+    sync_timeout: float = Field(default=25.0, gt=0, description="Seconds before a sync call is 504.")
+    max_documents: int = Field(default=2048, ge=1)
+    max_request_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+
+    # --- worker -------------------------------------------------------------------------------
+    device: str = Field(default="auto", description="auto, cpu, cuda or cuda:N.")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    max_batch_tokens: int | None = Field(
+        default=None, ge=1, description="Padded tokens per forward pass; unset = by device."
+    )
+    batch_wait_ms: float = Field(default=2.0, ge=0, description="Most a batch waits for company.")
+    worker_concurrency: int = Field(default=32, ge=1, description="Celery threads per worker.")
+    torch_threads: int | None = Field(default=None, ge=1, description="CPU threads for torch.")
+    heartbeat_interval: float = Field(default=2.0, gt=0)
+    visibility_timeout: int = Field(
+        default=900, ge=5, description="Seconds before an unacknowledged task is handed out again."
+    )
+
+    # --- logs ---------------------------------------------------------------------------------
+    log_level: str = "INFO"
+    log_json: bool = False
+
+    _specs: tuple[ModelSpec, ...] = ()
+
+    @model_validator(mode="after")
+    def _parse_models(self) -> Settings:
+        self._specs = tuple(parse_models(self.models, self.max_length))
+        return self
+
+    # --- derived values -----------------------------------------------------------------------
+    @property
+    def served_models(self) -> tuple[ModelSpec, ...]:
+        return self._specs
+
+    @property
+    def tokens(self) -> list[str]:
+        """Accepted bearer tokens; empty means the server runs open."""
+        if self.access_token is None:
+            return []
+        return [t.strip() for t in self.access_token.get_secret_value().split(",") if t.strip()]
+
+    @property
+    def broker_url(self) -> str:
+        return self.redis_url or DEFAULT_REDIS_URL
+
+    def model(self, name: str | None) -> ModelSpec | None:
+        """The served model a request's `model` field means, or None when no served one matches.
+
+        FastGPT users type model ids freely, so with a single served model every name reaches it.
+        """
+        if len(self._specs) == 1 or not name:
+            return self._specs[0]
+        for spec in self._specs:
+            if name in spec.aliases:
+                return spec
+        return None
+
+    def redacted(self) -> dict[str, object]:
+        """The effective configuration, fit for a start-up log line (tokens and passwords hidden)."""
+        values = self.model_dump(mode="json")
+        values["access_token"] = f"<{len(self.tokens)} token(s)>" if self.tokens else None
+        if self.redis_url:
+            values["redis_url"] = re.sub(r"//([^@/]*)@", "//***@", self.redis_url)
+        values["models"] = [spec.model_dump() for spec in self._specs]
+        return values
+
+
+def parse_models(value: str, default_max_length: int = 512) -> list[ModelSpec]:
+    """Read `MODELS`: `bge-reranker-base`, `my-model=/models/x,bge-reranker-v2-m3`, or JSON.
+
+    A known name maps to its Hugging Face id; an unknown one needs a source. The JSON form
+    (`[{"name": ..., "source": ..., "max_length": ...}]`) sets max_length per model.
+    """
+    value = value.strip()
+    entries: list[dict[str, object]]
+    if value.startswith("["):
+        entries = json.loads(value)
+    else:
+        entries = []
+        for part in filter(None, (p.strip() for p in value.split(","))):
+            name, _, source = part.partition("=")
+            entries.append({"name": name.strip(), "source": source.strip() or None})
+    if not entries:
+        raise ValueError("MODELS names no model")
+    specs = []
+    for entry in entries:
+        name = str(entry["name"])
+        known_source, limit = KNOWN_MODELS.get(name, (None, None))
+        source = entry.get("source") or known_source
+        if not source:
+            raise ValueError(f"model {name!r} is not one of {sorted(KNOWN_MODELS)}: give its source")
+        if entry.get("max_length"):
+            max_length = int(entry["max_length"])  # type: ignore[call-overload]
+            if limit is not None and max_length > limit:
+                raise ValueError(f"{name} takes at most {limit} tokens, not {max_length}")
+        else:  # the global default never exceeds what a known model can take
+            max_length = min(default_max_length, limit or default_max_length)
+        specs.append(ModelSpec(name=name, source=str(source), max_length=max_length))
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"MODELS names a model twice: {names}")
+    return specs
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

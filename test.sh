@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# The one test command: install what is missing, then run the whole suite against real parts
+# (its own Redis, real Celery worker processes, gunicorn). Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")"
+scripts/venv.sh requirements/dev.txt
+if ! command -v docker-compose >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+  # Debian's docker-compose checks the compose file (no Docker engine needed); best effort.
+  { apt-get install -y -q docker-compose || { apt-get update -q && apt-get install -y -q docker-compose; }; } \
+    >/dev/null 2>&1 || echo "docker-compose could not be installed; the compose check will be skipped" >&2
+fi
+exec .venv/bin/python -m pytest "$@"

@@ -1,0 +1,135 @@
+"""The warm state of one worker process: the model, its batcher, its heartbeat.
+
+Built once, before the Celery consumer starts, so the model is loaded when the worker starts and
+never on a first request; a worker whose model fails to load exits before taking any task.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import redis
+
+from shared import names
+from shared.schemas import ScoreReply, ScoreTask
+from shared.settings import ModelSpec, Settings
+from shared.workers import WorkerRegistry
+from worker.batching import REALTIME, Batcher, Expired
+from worker.model import Reranker, load_reranker
+from worker.scoring import default_batch_tokens
+
+log = logging.getLogger(__name__)
+
+#: How long an answer waits in Redis for its caller, who is normally already blocked on it.
+REPLY_TTL_SECONDS = 60
+
+
+@dataclass
+class Runtime:
+    spec: ModelSpec
+    settings: Settings
+    reranker: Reranker
+    batcher: Batcher
+    redis: redis.Redis
+    worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}")
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _heartbeat: threading.Thread | None = None
+
+    # --- lifecycle -------------------------------------------------------------------------------
+    @classmethod
+    def start(cls, spec: ModelSpec, settings: Settings) -> Runtime:
+        started = time.perf_counter()
+        reranker = load_reranker(
+            spec.source, device=settings.device, dtype=settings.dtype, max_length=spec.max_length
+        )
+        budget = settings.max_batch_tokens or default_batch_tokens(reranker.device.type)
+        batcher = Batcher(
+            reranker.forward, max_batch_tokens=budget, max_wait=settings.batch_wait_ms / 1000
+        ).start()
+        client = redis.Redis.from_url(
+            settings.broker_url, socket_connect_timeout=2, socket_timeout=10, health_check_interval=30
+        )
+        log.info(
+            "model %s loaded from %s on %s (%s, max_length %d, batch budget %d tokens) in %.1fs",
+            spec.name, spec.source, reranker.device, str(reranker.dtype).removeprefix("torch."),
+            reranker.max_length, budget, time.perf_counter() - started,
+        )
+        return cls(spec=spec, settings=settings, reranker=reranker, batcher=batcher, redis=client)
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "id": self.worker_id,
+            "model": self.spec.name,
+            "source": self.spec.source,
+            "max_length": self.reranker.max_length,
+            "device": str(self.reranker.device),
+            "dtype": str(self.reranker.dtype).removeprefix("torch."),
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+        }
+
+    def start_heartbeat(self) -> None:
+        """Announce this worker until `stop`: the API answers 503 at once when none is alive."""
+        registry = WorkerRegistry(self.redis)
+        interval = self.settings.heartbeat_interval
+
+        def beat() -> None:
+            while not self._stop.is_set():
+                try:
+                    registry.announce(self.spec.name, self.worker_id, self.describe(), ttl=3 * interval)
+                except redis.RedisError as exc:
+                    log.warning("heartbeat failed: %s", exc)
+                self._stop.wait(interval)
+
+        self._heartbeat = threading.Thread(target=beat, name="heartbeat", daemon=True)
+        self._heartbeat.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        try:
+            WorkerRegistry(self.redis).withdraw(self.spec.name, self.worker_id)
+        except redis.RedisError:
+            pass
+        self.batcher.stop()
+
+    # --- work ----------------------------------------------------------------------------------
+    def score(self, task: ScoreTask) -> ScoreReply | None:
+        """Score one synchronous call; None when its caller has already given up."""
+        timeout = task.deadline - time.time()
+        if timeout <= 0:
+            return None
+        with self.batcher.incoming():
+            sequences = self.reranker.encode(task.query, task.documents)
+        ticket = self.batcher.submit(sequences, priority=REALTIME, deadline=task.deadline)
+        try:
+            logits = ticket.wait(timeout=max(task.deadline - time.time(), 0))
+        except Expired:
+            return None
+        return ScoreReply(logits=logits, input_tokens=sum(len(s) for s in sequences))
+
+    def reply(self, call_id: str, reply: ScoreReply) -> None:
+        key = names.reply_key(call_id)
+        pipe = self.redis.pipeline()
+        pipe.rpush(key, reply.model_dump_json(exclude_none=True))
+        pipe.expire(key, REPLY_TTL_SECONDS)
+        pipe.execute()
+
+
+_current: Runtime | None = None
+
+
+def install(runtime: Runtime) -> None:
+    global _current
+    _current = runtime
+
+
+def current() -> Runtime:
+    if _current is None:
+        raise RuntimeError("worker runtime not started (run the worker with `python -m worker`)")
+    return _current

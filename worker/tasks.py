@@ -1,0 +1,28 @@
+"""Celery tasks: thin wrappers that hand work to the warm runtime and send the answer back."""
+
+from __future__ import annotations
+
+import logging
+
+from celery import shared_task
+
+from shared import names
+from shared.schemas import ScoreReply, ScoreTask
+from worker import runtime
+
+log = logging.getLogger(__name__)
+
+
+@shared_task(name=names.RERANK_TASK, acks_late=True)
+def rerank_realtime(payload: dict) -> None:
+    task = ScoreTask.model_validate(payload)
+    rt = runtime.current()
+    try:
+        reply = rt.score(task)
+    except Exception as exc:  # the caller gets a clear error; the worker lives on
+        log.exception("request %s failed", task.request_id)
+        reply = ScoreReply(error=f"scoring failed: {type(exc).__name__}: {exc}", status=500)
+    if reply is None:
+        log.info("request %s expired before it was scored; dropped", task.request_id)
+        return
+    rt.reply(task.call_id, reply)

@@ -51,7 +51,7 @@ class ModelSpec(BaseModel):
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(extra="ignore", case_sensitive=False, frozen=True)
+    model_config = SettingsConfigDict(extra="ignore", case_sensitive=False, frozen=True, env_ignore_empty=True)
 
     # --- access -------------------------------------------------------------------------------
     access_token: SecretStr | None = Field(

@@ -1,0 +1,98 @@
+"""Pure functions: settings parsing, ranking, token checks, request models."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from pydantic import ValidationError
+
+from api.auth import token_matches
+from shared.ranking import rank, sigmoid
+from shared.schemas import RerankRequest
+from shared.settings import Settings, parse_models
+
+
+def test_models_simple_form_maps_known_names_to_hub_ids():
+    specs = parse_models("bge-reranker-base, local=/models/x ,bge-reranker-v2-m3", 512)
+    assert [(s.name, s.source, s.max_length) for s in specs] == [
+        ("bge-reranker-base", "BAAI/bge-reranker-base", 512),
+        ("local", "/models/x", 512),
+        ("bge-reranker-v2-m3", "BAAI/bge-reranker-v2-m3", 512),
+    ]
+
+
+def test_models_json_form_sets_max_length_up_to_the_model_limit():
+    (spec,) = parse_models('[{"name": "bge-reranker-v2-m3", "max_length": 8192}]')
+    assert spec.max_length == 8192
+    with pytest.raises(ValueError, match="at most 512"):
+        parse_models('[{"name": "bge-reranker-base", "max_length": 1024}]')
+    # A global MAX_LENGTH above a model's limit is capped, not an error.
+    assert parse_models("bge-reranker-base,bge-reranker-v2-m3", 2048)[0].max_length == 512
+    assert parse_models("bge-reranker-base,bge-reranker-v2-m3", 2048)[1].max_length == 2048
+
+
+@pytest.mark.parametrize("bad", ["", "unknown-without-source", "a=/x,a=/y", "bad name=/x"])
+def test_models_rejects_nonsense(bad):
+    with pytest.raises(ValueError):
+        parse_models(bad)
+
+
+def test_settings_resolve_models_like_fastgpt_expects(monkeypatch):
+    monkeypatch.setenv("MODELS", "bge-reranker-base")
+    monkeypatch.setenv("ACCESS_TOKEN", " tok-aa , tok-bb ,")
+    s = Settings()
+    assert s.model("anything").name == s.model(None).name == "bge-reranker-base"
+    assert s.tokens == ["tok-aa", "tok-bb"]
+    assert "tok-aa" not in repr(s) and "tok-aa" not in str(s.redacted())
+    assert s.redacted()["access_token"] == "<2 token(s)>"
+    multi = Settings(models="bge-reranker-base,bge-reranker-large")
+    assert multi.model("BAAI/bge-reranker-large").name == "bge-reranker-large"
+    assert multi.model("nope") is None and multi.model(None).name == "bge-reranker-base"
+
+
+def test_redacted_hides_redis_password():
+    s = Settings(redis_url="redis://user:s3cret@redis:6379/0")
+    assert "s3cret" not in str(s.redacted())
+
+
+@given(st.lists(st.floats(allow_nan=False, allow_infinity=False, min_value=-50, max_value=50), max_size=40),
+       st.one_of(st.none(), st.integers(min_value=1, max_value=50)), st.booleans())
+def test_rank_sorts_high_to_low_ties_in_input_order(logits, top_n, raw):
+    ranked = rank(logits, raw_scores=raw, top_n=top_n)
+    assert len(ranked) == min(len(logits), top_n or len(logits))
+    assert [(-s, i) for i, s in ranked] == sorted((-s, i) for i, s in ranked)
+    full = rank(logits, raw_scores=raw)
+    assert ranked == full[: len(ranked)]
+    for i, s in ranked:
+        assert s == (logits[i] if raw else sigmoid(logits[i]))
+
+
+def test_sigmoid_is_stable_at_the_extremes():
+    assert sigmoid(1000) == 1.0 and sigmoid(-1000) == 0.0
+    assert math.isclose(sigmoid(0.3), 1 / (1 + math.exp(-0.3)))
+
+
+@pytest.mark.parametrize(
+    "header, ok",
+    [("Bearer t1", True), ("bearer t2", True), ("BEARER t1", True), ("Bearer t3", False),
+     ("Bearer  t1", False), ("Bearer t1 ", False), ("Token t1", False), ("t1", False), ("", False),
+     (None, False), ("Bearer ", False), ("Bearer t", False), ("Bearer t1t1", False)],
+)
+def test_token_matches(header, ok):
+    assert token_matches(header, ["t1", "t2"]) is ok
+
+
+def test_request_model_accepts_fastgpt_cohere_and_jina_bodies():
+    fastgpt = RerankRequest.model_validate_json('{"model": "m", "query": "q", "documents": ["a", "b"]}')
+    assert fastgpt.texts() == ["a", "b"] and fastgpt.top_n is None and not fastgpt.return_documents
+    cohere = RerankRequest.model_validate(
+        {"query": "q", "documents": [{"text": "a"}, "b"], "top_n": 1, "return_documents": True, "extra": 1}
+    )
+    assert cohere.texts() == ["a", "b"] and cohere.top_n == 1
+    for bad in ({"query": "q", "documents": [None]}, {"query": "q", "documents": ["a"], "top_n": 0},
+                {"query": "q", "documents": ["a"], "raw_scores": "true"}):
+        with pytest.raises(ValidationError):
+            RerankRequest.model_validate(bad)

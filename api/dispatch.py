@@ -17,6 +17,7 @@ from datetime import datetime, timezone
 import redis
 from kombu.exceptions import OperationalError
 
+from api.admission import Admission, pending_limit, retry_after
 from api.errors import ApiError
 from shared import names
 from shared.celery_config import make_celery
@@ -48,10 +49,13 @@ class Dispatcher:
             health_check_interval=30,
         )
         self.workers = WorkerRegistry(self.redis)
+        self.admission = Admission(self.redis)
 
-    def _require_worker(self, model: ModelSpec, *, fresh: bool = False) -> None:
-        if not self.workers.alive(model.name, fresh=fresh):
+    def _require_worker(self, model: ModelSpec, *, fresh: bool = False) -> list[dict]:
+        workers = self.workers.alive(model.name, fresh=fresh)
+        if not workers:
             raise ApiError(503, f"no worker is serving model {model.name!r} right now")
+        return workers
 
     def score(self, model: ModelSpec, query: str, documents: list[str], request_id: str) -> Scored:
         """Logits of each document for the query, or ApiError 503/504/500."""
@@ -62,9 +66,29 @@ class Dispatcher:
             raise ApiError(503, "the queue (Redis) is unreachable") from None
 
     def _score(self, model: ModelSpec, query: str, documents: list[str], request_id: str) -> Scored:
-        self._require_worker(model)
-        deadline = time.time() + self.settings.sync_timeout
-        call_id = uuid.uuid4().hex
+        workers = self._require_worker(model)
+        now = time.time()
+        deadline = now + self.settings.sync_timeout
+        call_id = f"{request_id}.{uuid.uuid4().hex[:12]}"  # the worker's log lines carry the request id
+        limit = pending_limit(self.settings.max_pending_pairs, workers, self.settings.sync_timeout)
+        verdict = self.admission.admit(model.name, call_id, len(documents), deadline, now, limit)
+        if not verdict.admitted:
+            raise ApiError(
+                429,
+                f"model {model.name!r} is busy: {verdict.pending} pairs pending (limit {int(limit)}); retry later",
+                headers={"Retry-After": str(retry_after(verdict.pending, workers))},
+            )
+        try:
+            return self._send_and_wait(model, call_id, request_id, query, documents, deadline)
+        finally:
+            try:
+                self.admission.release(model.name, call_id)
+            except redis.RedisError:
+                pass  # the entry expires at its deadline anyway
+
+    def _send_and_wait(
+        self, model: ModelSpec, call_id: str, request_id: str, query: str, documents: list[str], deadline: float
+    ) -> Scored:
         task = ScoreTask(
             call_id=call_id,
             request_id=request_id,

@@ -33,3 +33,13 @@ def workers_key(model: str) -> str:
 def worker_key(worker_id: str) -> str:
     """A worker's heartbeat: its description, expiring unless refreshed."""
     return f"{PREFIX}:worker:{worker_id}"
+
+
+def pending_keys(model: str) -> list[str]:
+    """Realtime calls admitted but not yet answered (backpressure): deadlines, pair counts, total.
+
+    A call leaves when its caller stops waiting, so a worker can tell whether anyone still wants
+    an answer (`HEXISTS` on the second key).
+    """
+    base = f"{PREFIX}:pending:{model}"
+    return [f"{base}:deadlines", f"{base}:pairs", f"{base}:total"]

@@ -79,6 +79,9 @@ class Settings(BaseSettings):
     sync_timeout: float = Field(default=25.0, gt=0, description="Seconds before a sync call is 504.")
     max_documents: int = Field(default=2048, ge=1)
     max_request_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+    max_pending_pairs: int | None = Field(
+        default=None, ge=1, description="Realtime pairs pending per model before 429; unset = auto."
+    )
 
     # --- worker -------------------------------------------------------------------------------
     device: str = Field(default="auto", description="auto, cpu, cuda or cuda:N.")

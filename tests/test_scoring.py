@@ -160,3 +160,22 @@ def test_batcher_drops_expired_work_and_survives_a_failing_batch():
         assert [5] not in [c for c in calls]
     finally:
         batcher.stop()
+
+
+def test_batcher_splits_a_batch_that_runs_out_of_memory():
+    from worker.batching import OutOfMemory
+
+    calls = []
+
+    def run(batch):
+        if len(batch) > 2:
+            raise OutOfMemory("too big")
+        return _fake_forward(calls)(batch)
+
+    batcher = Batcher(run, max_batch_tokens=10_000).start()
+    try:
+        ticket = batcher.submit([[i] * (i + 1) for i in range(9)])
+        assert ticket.wait(5) == [float(i * (i + 1)) for i in range(9)]
+        assert all(len(c) <= 2 for c in calls) and sum(len(c) for c in calls) == 9
+    finally:
+        batcher.stop()

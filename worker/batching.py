@@ -11,9 +11,11 @@ from __future__ import annotations
 import collections
 import itertools
 import logging
+import queue
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -45,6 +47,10 @@ def plan_batches(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
 
 class Expired(Exception):
     """The request's deadline passed before it was scored: nobody waits for the answer."""
+
+
+class OutOfMemory(Exception):
+    """Raised by `run` when a batch does not fit the device: the batcher retries it in halves."""
 
 
 @dataclass(eq=False)
@@ -97,13 +103,15 @@ class Batcher:
 
     def __init__(
         self,
-        forward: Callable[[list[list[int]]], list[float]],
+        run: Callable[[Any], list[float]],
         *,
+        collate: Callable[[list[list[int]]], Any] = lambda batch: batch,
         max_batch_tokens: int,
         max_wait: float = 0.002,
         on_batch: Callable[[int, int, float], None] | None = None,
     ) -> None:
-        self._forward = forward
+        self._run_batch = run
+        self._collate = collate
         self._max_tokens = max_batch_tokens
         self._max_wait = max_wait
         self._on_batch = on_batch
@@ -114,8 +122,16 @@ class Batcher:
         self._cond = threading.Condition()
         self._counter = itertools.count()
         self._incoming = 0  # requests being tokenized right now: company worth waiting for
+        self._queued_tokens = 0
         self._stopped = False
-        self._thread = threading.Thread(target=self._run, name="model", daemon=True)
+        # The next batch is chosen and collated while the current one runs; one slot of look-ahead
+        # only, so realtime work arriving meanwhile waits behind at most one prepared batch.
+        self._handoff: queue.Queue[tuple[list[_Item], Any] | None] = queue.Queue(maxsize=1)
+        self._slot = threading.Semaphore(1)
+        self._threads = [
+            threading.Thread(target=self._prepare_loop, name="batch-prep", daemon=True),
+            threading.Thread(target=self._model_loop, name="model", daemon=True),
+        ]
 
     # --- producer side (Celery task threads) ---------------------------------------------------
     @contextmanager
@@ -142,31 +158,55 @@ class Batcher:
             if self._stopped:
                 raise RuntimeError("batcher is stopped")
             self._queues[priority].extend(_Item(ticket, i, next(self._counter)) for i in order)
+            self._queued_tokens += sum(len(s) for s in sequences)
             self._cond.notify()
         return ticket
 
     # --- lifecycle -------------------------------------------------------------------------------
     def start(self) -> Batcher:
-        self._thread.start()
+        for thread in self._threads:
+            thread.start()
         return self
 
     def stop(self) -> None:
         with self._cond:
             self._stopped = True
             self._cond.notify_all()
-        self._thread.join(timeout=10)
+        self._slot.release()  # let the preparing thread see the stop
+        for thread in self._threads:
+            thread.join(timeout=10)
 
     def pending(self) -> int:
         with self._cond:
             return sum(len(q) for q in self._queues.values())
 
-    # --- model thread ------------------------------------------------------------------------------
-    def _run(self) -> None:
+    # --- the two threads -------------------------------------------------------------------------
+    def _prepare_loop(self) -> None:
         while True:
+            self._slot.acquire()  # wait until the model thread has taken the previous batch
             batch = self._next_batch()
             if batch is None:
+                self._handoff.put(None)
                 return
-            self._execute(batch)
+            if not batch:
+                self._slot.release()
+                continue
+            try:
+                prepared = self._collate([it.ticket.sequences[it.index] for it in batch])
+            except Exception as exc:
+                log.exception("could not collate a batch of %d pairs", len(batch))
+                self._fail(batch, exc)
+                self._slot.release()
+                continue
+            self._handoff.put((batch, prepared))
+
+    def _model_loop(self) -> None:
+        while True:
+            job = self._handoff.get()
+            self._slot.release()
+            if job is None:
+                return
+            self._execute(*job)
 
     def _next_batch(self) -> list[_Item] | None:
         with self._cond:
@@ -180,15 +220,12 @@ class Batcher:
                 return None
             # Wait a moment for company only while other requests are being tokenized.
             waited_until = time.monotonic() + self._max_wait
-            while self._incoming and self._queued_tokens() < self._max_tokens:
+            while self._incoming and self._queued_tokens < self._max_tokens:
                 left = waited_until - time.monotonic()
                 if left <= 0:
                     break
                 self._cond.wait(left)
             return self._take()
-
-    def _queued_tokens(self) -> int:
-        return sum(item.length for q in self._queues.values() for item in q)
 
     def _take(self) -> list[_Item]:
         """The next batch: a FIFO window of up to twice the budget, longest items first.
@@ -203,6 +240,7 @@ class Batcher:
             q = self._queues[priority]
             while q and tokens < 2 * self._max_tokens:
                 item = q.popleft()
+                self._queued_tokens -= item.length
                 if item.ticket.done.is_set():
                     continue  # its request already failed or gave up
                 if item.ticket.expired(now):
@@ -224,26 +262,38 @@ class Batcher:
         rest.sort(key=lambda it: it.order)
         for item in reversed(rest):
             self._queues[item.ticket.priority].appendleft(item)
+            self._queued_tokens += item.length
         return batch
 
-    def _execute(self, batch: list[_Item]) -> None:
-        if not batch:
-            return
+    def _execute(self, batch: list[_Item], prepared: Any) -> None:
         started = time.perf_counter()
         try:
-            logits = self._forward([it.ticket.sequences[it.index] for it in batch])
+            logits = self._run_batch(prepared)
+        except OutOfMemory:
+            if len(batch) == 1:
+                log.error("one pair of %d tokens does not fit in device memory", batch[0].length)
+                self._fail(batch, OutOfMemory("the pair does not fit in device memory"))
+                return
+            half = len(batch) // 2
+            log.warning("out of memory on %d pairs; retrying in halves", len(batch))
+            for part in (batch[:half], batch[half:]):
+                self._execute(part, self._collate([it.ticket.sequences[it.index] for it in part]))
+            return
         except Exception as exc:  # one bad batch must not take the worker down
             log.exception("forward pass failed for %d pairs", len(batch))
-            for it in batch:
-                it.ticket.fail(exc)
+            self._fail(batch, exc)
             return
         elapsed = time.perf_counter() - started
         if self._on_batch is not None:
-            width = max(it.length for it in batch)
-            self._on_batch(len(batch), len(batch) * width, elapsed)
+            self._on_batch(len(batch), len(batch) * max(it.length for it in batch), elapsed)
         for it, value in zip(batch, logits):
             ticket = it.ticket
             ticket.results[it.index] = value
             ticket.remaining -= 1
             if ticket.remaining == 0 and not ticket.done.is_set():
                 ticket.done.set()
+
+    @staticmethod
+    def _fail(batch: list[_Item], error: BaseException) -> None:
+        for it in batch:
+            it.ticket.fail(error)

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from worker.batching import OutOfMemory
+
 log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -71,9 +73,8 @@ class Reranker:
         head = self.prefix + q_ids + self.middle
         return [head + d[:room] + self.suffix for d in docs["input_ids"]]
 
-    @torch.inference_mode()
-    def forward(self, batch: Sequence[Sequence[int]]) -> list[float]:
-        """Logits (float32) of a batch of encoded pairs, padded to the longest one."""
+    def collate(self, batch: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Right-padded ids and attention mask on the CPU (pinned for a fast copy to CUDA)."""
         width = max(len(s) for s in batch)
         ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -81,10 +82,26 @@ class Reranker:
             ids[row, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
             mask[row, : len(seq)] = 1
         if self.device.type == "cuda":
-            ids = ids.pin_memory().to(self.device, non_blocking=True)
-            mask = mask.pin_memory().to(self.device, non_blocking=True)
-        logits = self.model(input_ids=ids, attention_mask=mask).logits
-        return logits.view(-1).float().cpu().tolist()
+            ids, mask = ids.pin_memory(), mask.pin_memory()
+        return ids, mask
+
+    @torch.inference_mode()
+    def run(self, prepared: tuple[torch.Tensor, torch.Tensor]) -> list[float]:
+        """Logits (float32) of a collated batch. CUDA out-of-memory becomes `OutOfMemory`."""
+        ids, mask = (t.to(self.device, non_blocking=True) for t in prepared)
+        try:
+            logits = self.model(input_ids=ids, attention_mask=mask).logits
+            return logits.view(-1).float().cpu().tolist()
+        except RuntimeError as exc:  # torch.OutOfMemoryError on CUDA; a RuntimeError on CPU
+            if not isinstance(exc, torch.OutOfMemoryError) and "can't allocate memory" not in str(exc):
+                raise
+            del ids, mask
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            raise OutOfMemory(str(exc)) from None
+
+    def forward(self, batch: Sequence[Sequence[int]]) -> list[float]:
+        return self.run(self.collate(batch))
 
 
 def _pair_template(tokenizer) -> tuple[list[int], list[int], list[int]]:

@@ -7,6 +7,7 @@ never on a first request; a worker whose model fails to load exits before taking
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 import threading
@@ -30,6 +31,30 @@ log = logging.getLogger(__name__)
 REPLY_TTL_SECONDS = 60
 
 
+class Pace:
+    """Pairs scored per second of model time, over the last few seconds of work.
+
+    Published in the heartbeat; the API bounds pending work by it (backpressure).
+    """
+
+    HORIZON_SECONDS = 5.0
+
+    def __init__(self) -> None:
+        self._pairs = 0.0
+        self._seconds = 0.0
+        self._lock = threading.Lock()
+
+    def record(self, pairs: int, _padded_tokens: int, seconds: float) -> None:
+        decay = math.exp(-seconds / self.HORIZON_SECONDS)
+        with self._lock:
+            self._pairs = self._pairs * decay + pairs
+            self._seconds = self._seconds * decay + seconds
+
+    def pairs_per_second(self) -> float | None:
+        with self._lock:
+            return round(self._pairs / self._seconds, 2) if self._seconds > 0 else None
+
+
 @dataclass
 class Runtime:
     spec: ModelSpec
@@ -37,6 +62,7 @@ class Runtime:
     reranker: Reranker
     batcher: Batcher
     redis: redis.Redis
+    pace: Pace
     worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}")
     _stop: threading.Event = field(default_factory=threading.Event)
     _heartbeat: threading.Thread | None = None
@@ -49,8 +75,13 @@ class Runtime:
             spec.source, device=settings.device, dtype=settings.dtype, max_length=spec.max_length
         )
         budget = settings.max_batch_tokens or default_batch_tokens(reranker.device.type)
+        pace = Pace()
         batcher = Batcher(
-            reranker.forward, max_batch_tokens=budget, max_wait=settings.batch_wait_ms / 1000
+            reranker.run,
+            collate=reranker.collate,
+            max_batch_tokens=budget,
+            max_wait=settings.batch_wait_ms / 1000,
+            on_batch=pace.record,
         ).start()
         client = redis.Redis.from_url(
             settings.broker_url, socket_connect_timeout=2, socket_timeout=10, health_check_interval=30
@@ -60,7 +91,7 @@ class Runtime:
             spec.name, spec.source, reranker.device, str(reranker.dtype).removeprefix("torch."),
             reranker.max_length, budget, time.perf_counter() - started,
         )
-        return cls(spec=spec, settings=settings, reranker=reranker, batcher=batcher, redis=client)
+        return cls(spec=spec, settings=settings, reranker=reranker, batcher=batcher, redis=client, pace=pace)
 
     def describe(self) -> dict[str, object]:
         return {
@@ -72,6 +103,7 @@ class Runtime:
             "dtype": str(self.reranker.dtype).removeprefix("torch."),
             "host": socket.gethostname(),
             "pid": os.getpid(),
+            "pairs_per_second": self.pace.pairs_per_second(),
         }
 
     def start_heartbeat(self) -> None:
@@ -102,8 +134,8 @@ class Runtime:
     def score(self, task: ScoreTask) -> ScoreReply | None:
         """Score one synchronous call; None when its caller has already given up."""
         timeout = task.deadline - time.time()
-        if timeout <= 0:
-            return None
+        if timeout <= 0 or not self.redis.hexists(names.pending_keys(self.spec.name)[1], task.call_id):
+            return None  # the caller gave up (timeout, or it stopped waiting on a dead-looking worker)
         with self.batcher.incoming():
             sequences = self.reranker.encode(task.query, task.documents)
         ticket = self.batcher.submit(sequences, priority=REALTIME, deadline=task.deadline)

@@ -23,6 +23,6 @@ def rerank_realtime(payload: dict) -> None:
         log.exception("request %s failed", task.request_id)
         reply = ScoreReply(error=f"scoring failed: {type(exc).__name__}: {exc}", status=500)
     if reply is None:
-        log.info("request %s expired before it was scored; dropped", task.request_id)
+        log.info("request %s: its caller gave up before it was scored; dropped", task.request_id)
         return
     rt.reply(task.call_id, reply)

@@ -14,7 +14,8 @@ from flask import Flask, current_app, g, request
 from api.auth import require_token
 from api.dispatch import Dispatcher
 from api.errors import register_error_handlers
-from api.routes import health, rerank
+from api.jobs import JobService
+from api.routes import health, jobs, rerank
 from shared.settings import Settings, get_settings
 
 log = logging.getLogger("api")
@@ -24,11 +25,13 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 def create_app(settings: Settings | None = None) -> Flask:
     settings = settings or get_settings()
-    app = Flask(__name__)
+    app = Flask(__name__, static_folder=None)
     app.config.update(SETTINGS=settings, MAX_CONTENT_LENGTH=settings.max_request_bytes)
     app.json.sort_keys = False  # keep fields in the order of the response models
     app.json.ensure_ascii = False  # Chinese documents come back readable and smaller
-    app.extensions["dispatcher"] = Dispatcher(settings)
+    dispatcher = Dispatcher(settings)
+    app.extensions["dispatcher"] = dispatcher
+    app.extensions["jobs"] = JobService(settings, dispatcher.redis, dispatcher.celery, dispatcher.workers)
 
     register_error_handlers(app)
 
@@ -46,6 +49,7 @@ def create_app(settings: Settings | None = None) -> Flask:
 
     app.register_blueprint(health.bp)
     app.register_blueprint(rerank.bp)
+    app.register_blueprint(jobs.bp)
 
     if not settings.tokens:
         log.warning(

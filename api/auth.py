@@ -33,3 +33,11 @@ def require_token(header: str | None, tokens: list[str]) -> None:
             "missing or invalid bearer token" if header else "missing Authorization header",
             headers={"WWW-Authenticate": 'Bearer realm="rerank"'},
         )
+
+
+def presented_token(header: str | None) -> str | None:
+    """The bearer token of an (already accepted) Authorization header, to tell job owners apart."""
+    if not header:
+        return None
+    scheme, _, credentials = header.partition(" ")
+    return credentials if scheme.lower() == "bearer" and credentials else None

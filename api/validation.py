@@ -11,6 +11,7 @@ from flask import request
 from pydantic import BaseModel, ValidationError
 
 from api.errors import ApiError
+from shared.settings import ModelSpec, Settings
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -33,3 +34,12 @@ def parse_body(model: type[M]) -> M:
         fields = [{"field": _where(e["loc"]), "message": e["msg"]} for e in errors]
         summary = "; ".join(f"{f['field']}: {f['message']}" for f in fields[:5])
         raise ApiError(422, f"invalid request: {summary}", fields=fields) from None
+
+
+def resolve_model(settings: Settings, name: str | None) -> ModelSpec:
+    """The served model a request names (any name when only one is served), else 404."""
+    spec = settings.model(name)
+    if spec is None:
+        served = [s.name for s in settings.served_models]
+        raise ApiError(404, f"model {name!r} is not served; served models: {', '.join(served)}")
+    return spec

@@ -2,6 +2,7 @@
 
     python -m rerank up                      # Redis (if REDIS_URL is unset), workers, API on :6006
     python -m rerank make-model DIR          # a random-weight reranker to try the service offline
+    python -m rerank jobs submit in.jsonl --wait -o out.jsonl   # bulk jobs (see `jobs --help`)
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ def main(argv: list[str] | None = None) -> int:
     make.add_argument("out", help="folder to write")
     make.add_argument("--arch", default="tiny", choices=["tiny", "small", "base", "large", "v2-m3"])
     make.add_argument("--seed", type=int, default=0)
+    from rerank import client
+
+    client.add_parser(sub)
     args = parser.parse_args(argv)
 
     if args.command == "up":
@@ -35,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
 
         print(build_model(args.out, args.arch, seed=args.seed))
         return 0
+    if args.command == "jobs":
+        return client.run(args)
     return 2
 
 

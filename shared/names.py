@@ -8,6 +8,9 @@ from __future__ import annotations
 #: Celery task that scores one synchronous request.
 RERANK_TASK = "rerank.realtime"
 
+#: Celery task that scores one piece of a bulk job.
+BULK_TASK = "rerank.bulk_piece"
+
 #: Every key we write ourselves starts with this, so a shared Redis stays tidy.
 PREFIX = "rerank"
 
@@ -43,3 +46,18 @@ def pending_keys(model: str) -> list[str]:
     """
     base = f"{PREFIX}:pending:{model}"
     return [f"{base}:deadlines", f"{base}:pairs", f"{base}:total"]
+
+
+def job_key(job_id: str) -> str:
+    """Hash of a bulk job's state and counters."""
+    return f"{PREFIX}:job:{job_id}"
+
+
+def job_pieces_key(job_id: str) -> str:
+    """Set of the pieces of a job whose results are written and counted."""
+    return f"{PREFIX}:job:{job_id}:pieces"
+
+
+def sweep_lock_key() -> str:
+    """Held while one API process deletes the stored files of expired jobs."""
+    return f"{PREFIX}:jobs:sweep"

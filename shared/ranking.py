@@ -29,3 +29,20 @@ def rank(
     if top_n is not None:
         order = order[:top_n]
     return [(i, scores[i]) for i in order]
+
+
+def shape_results(
+    logits: Sequence[float],
+    texts: Sequence[str],
+    *,
+    raw_scores: bool = False,
+    top_n: int | None = None,
+    return_documents: bool = False,
+) -> list[dict[str, object]]:
+    """The `results` list of a rerank answer (realtime and bulk alike)."""
+    return [
+        {"index": i, "relevance_score": score, "document": {"text": texts[i]}}
+        if return_documents
+        else {"index": i, "relevance_score": score}
+        for i, score in rank(logits, raw_scores=raw_scores, top_n=top_n)
+    ]

@@ -82,6 +82,82 @@ class ErrorResponse(BaseModel):
     fields: list[dict[str, str]] | None = None
 
 
+# --- bulk jobs --------------------------------------------------------------------------------------
+
+
+class JobItem(_Lenient):
+    """One (query, documents) item of a bulk job: a JSON `items` entry or one JSON Lines line."""
+
+    id: StrictStr | int | None = Field(default=None, description="Your id, echoed in the results.")
+    query: Annotated[StrictStr, Field(min_length=1)]
+    documents: Annotated[list[StrictStr | TextDocument], Field(min_length=1)]
+    top_n: Annotated[int | None, Field(default=None, ge=1)]
+
+    def texts(self) -> list[str]:
+        return [d if isinstance(d, str) else d.text for d in self.documents]
+
+
+class JobOptions(_Lenient):
+    """Options of a job; for a JSON Lines upload they come as query parameters."""
+
+    model: StrictStr | None = None
+    return_documents: bool = False
+    raw_scores: bool = False
+
+
+class JobRequest(JobOptions):
+    """`POST /v1/rerank/jobs` with a JSON body."""
+
+    items: Annotated[list[JobItem], Field(min_length=1)]
+    return_documents: StrictBool = False
+    raw_scores: StrictBool = False
+
+
+class JobCreated(BaseModel):
+    id: str
+    status: str
+    status_url: str
+    results_url: str
+
+
+class JobProgress(BaseModel):
+    items_done: int
+    items_total: int
+    pairs_done: int
+    pairs_total: int
+    percent: float
+
+
+class JobErrors(BaseModel):
+    count: int = Field(description="Items that could not be scored.")
+    last: str | None = None
+
+
+class JobStatus(BaseModel):
+    """`GET /v1/rerank/jobs/<id>`."""
+
+    id: str
+    model: str
+    status: str = Field(description="queued, running, succeeded, failed or cancelled")
+    progress: JobProgress
+    created_at: str
+    started_at: str | None
+    finished_at: str | None
+    pairs_per_second: float | None
+    errors: JobErrors
+    results_url: str
+
+
+class JobResultLine(BaseModel):
+    """One line of `GET /v1/rerank/jobs/<id>/results` (JSON Lines, input order)."""
+
+    id: str | int | None
+    index: int = Field(description="Position of the item in the job's input.")
+    results: list[RerankResult] = []
+    meta: Meta | None = None
+    error: str | None = None
+
+
 # --- between the API and the workers (JSON through Redis) -----------------------------------------
 
 
@@ -102,3 +178,10 @@ class ScoreReply(BaseModel):
     input_tokens: int = 0
     error: str | None = None
     status: int | None = None
+
+
+class PieceTask(BaseModel):
+    """What a bulk piece asks a worker: score the items of this stored input piece."""
+
+    job_id: str
+    piece: int

@@ -83,6 +83,16 @@ class Settings(BaseSettings):
         default=None, ge=1, description="Realtime pairs pending per model before 429; unset = auto."
     )
 
+    # --- bulk jobs ------------------------------------------------------------------------------
+    jobs_url: str | None = Field(
+        default=None, description="fsspec URL of job inputs and results; unset = DATA_DIR/jobs."
+    )
+    job_piece_pairs: int | None = Field(
+        default=None, ge=1, description="Pairs per job piece; unset = about 1 s of model time."
+    )
+    job_ttl: int = Field(default=7 * 24 * 3600, ge=60, description="Seconds a finished job is kept.")
+    max_job_bytes: int = Field(default=2 * 1024**3, ge=1024, description="Largest job upload.")
+
     # --- worker -------------------------------------------------------------------------------
     device: str = Field(default="auto", description="auto, cpu, cuda or cuda:N.")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
@@ -123,6 +133,10 @@ class Settings(BaseSettings):
     @property
     def broker_url(self) -> str:
         return self.redis_url or DEFAULT_REDIS_URL
+
+    @property
+    def job_storage_url(self) -> str:
+        return self.jobs_url or str((self.data_dir / "jobs").resolve())
 
     def model(self, name: str | None) -> ModelSpec | None:
         """The served model a request's `model` field means, or None when no served one matches.

@@ -18,8 +18,10 @@ from dataclasses import dataclass, field
 import redis
 
 from shared import names
+from shared.jobs import JobStore
 from shared.schemas import ScoreReply, ScoreTask
 from shared.settings import ModelSpec, Settings
+from shared.storage import JobStorage
 from shared.workers import WorkerRegistry
 from worker.batching import REALTIME, Batcher, Expired
 from worker.model import Reranker, load_reranker
@@ -63,6 +65,8 @@ class Runtime:
     batcher: Batcher
     redis: redis.Redis
     pace: Pace
+    job_store: JobStore
+    job_storage: JobStorage
     worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}")
     _stop: threading.Event = field(default_factory=threading.Event)
     _heartbeat: threading.Thread | None = None
@@ -91,7 +95,10 @@ class Runtime:
             spec.name, spec.source, reranker.device, str(reranker.dtype).removeprefix("torch."),
             reranker.max_length, budget, time.perf_counter() - started,
         )
-        return cls(spec=spec, settings=settings, reranker=reranker, batcher=batcher, redis=client, pace=pace)
+        return cls(
+            spec=spec, settings=settings, reranker=reranker, batcher=batcher, redis=client, pace=pace,
+            job_store=JobStore(client, settings.job_ttl), job_storage=JobStorage(settings.job_storage_url),
+        )
 
     def describe(self) -> dict[str, object]:
         return {

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import logging
 
+import redis
 from celery import shared_task
 
 from shared import names
-from shared.schemas import ScoreReply, ScoreTask
+from shared.schemas import PieceTask, ScoreReply, ScoreTask
 from worker import runtime
+from worker.jobs import run_piece
 
 log = logging.getLogger(__name__)
 
@@ -26,3 +28,17 @@ def rerank_realtime(payload: dict) -> None:
         log.info("request %s: its caller gave up before it was scored; dropped", task.request_id)
         return
     rt.reply(task.call_id, reply)
+
+
+@shared_task(
+    name=names.BULK_TASK,
+    acks_late=True,
+    # Storage or Redis hiccups are retried; scoring errors are written as per-item errors.
+    autoretry_for=(OSError, redis.RedisError),
+    retry_backoff=True,
+    max_retries=5,
+)
+def rerank_bulk_piece(payload: dict) -> None:
+    task = PieceTask.model_validate(payload)
+    outcome = run_piece(runtime.current(), task)
+    log.info("job %s piece %d: %s", task.job_id, task.piece, outcome)

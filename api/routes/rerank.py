@@ -2,31 +2,16 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, current_app, g, jsonify
+from flask import Blueprint, current_app, g, jsonify, request
 
 from api.errors import ApiError
-from api.validation import parse_body
-from shared.ranking import rank
-from shared.schemas import (
-    Meta,
-    RerankRequest,
-    RerankResponse,
-    RerankResult,
-    RerankResultDocument,
-    TokenCount,
-    Usage,
-)
-from shared.settings import ModelSpec, Settings
+from api.routes.jobs import accepted, jobs, owner_token
+from api.validation import parse_body, resolve_model
+from shared.ranking import shape_results
+from shared.schemas import JobItem, RerankRequest
+from shared.settings import Settings
 
 bp = Blueprint("rerank", __name__)
-
-
-def resolve_model(settings: Settings, name: str | None) -> ModelSpec:
-    spec = settings.model(name)
-    if spec is None:
-        served = [s.name for s in settings.served_models]
-        raise ApiError(404, f"model {name!r} is not served; served models: {', '.join(served)}")
-    return spec
 
 
 @bp.post("/v1/rerank")
@@ -38,21 +23,24 @@ def rerank():
             413, f"{len(req.documents)} documents; at most {settings.max_documents} (MAX_DOCUMENTS)"
         )
     model = resolve_model(settings, req.model)
+    if "respond-async" in request.headers.get("Prefer", ""):
+        item = JobItem(query=req.query, documents=req.documents, top_n=req.top_n)
+        job = jobs().create_from_items(model, [("body", item)], owner=owner_token(),
+                                       return_documents=req.return_documents, raw_scores=req.raw_scores)
+        response = accepted(job)
+        response.headers["Preference-Applied"] = "respond-async"
+        return response
     texts = req.texts()
     scored = current_app.extensions["dispatcher"].score(model, req.query, texts, g.request_id)
-    ranked = rank(scored.logits, raw_scores=req.raw_scores, top_n=req.top_n)
-    response = RerankResponse(
+    results = shape_results(
+        scored.logits, texts, raw_scores=req.raw_scores, top_n=req.top_n,
+        return_documents=req.return_documents,
+    )
+    # Shaped as RerankResponse (shared/schemas.py), built as a plain dict: no second validation.
+    return jsonify(
         id=g.request_id,
         model=model.name,
-        results=[
-            RerankResult(
-                index=i,
-                relevance_score=score,
-                document=RerankResultDocument(text=texts[i]) if req.return_documents else None,
-            )
-            for i, score in ranked
-        ],
-        meta=Meta(tokens=TokenCount(input_tokens=scored.input_tokens)),
-        usage=Usage(total_tokens=scored.input_tokens),
+        results=results,
+        meta={"tokens": {"input_tokens": scored.input_tokens}},
+        usage={"total_tokens": scored.input_tokens},
     )
-    return jsonify(response.model_dump(exclude_none=True))

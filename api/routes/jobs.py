@@ -1,0 +1,88 @@
+"""Bulk reranking jobs: `POST /v1/rerank/jobs`, status, streamed results, cancel."""
+
+from __future__ import annotations
+
+from flask import Blueprint, Response, current_app, request, stream_with_context
+
+from api.auth import presented_token
+from api.errors import ApiError
+from api.jobs import JobService
+from api.validation import parse_body, resolve_model
+from shared.jobs import owner_of
+from shared.schemas import JobOptions, JobRequest
+from shared.settings import Settings
+
+bp = Blueprint("jobs", __name__)
+
+JSON_LINES = ("application/jsonl", "application/x-ndjson", "application/x-jsonlines", "text/jsonl")
+
+
+def jobs() -> JobService:
+    return current_app.extensions["jobs"]
+
+
+def _token() -> str | None:
+    return presented_token(request.headers.get("Authorization")) if current_app.config["SETTINGS"].tokens else None
+
+
+def owner_token() -> str:
+    """The owner mark of jobs created by this request (a digest of its token)."""
+    return owner_of(_token())
+
+
+def accepted(job) -> Response:
+    response = current_app.json.response(
+        id=job.id,
+        status=job.status,
+        status_url=f"/v1/rerank/jobs/{job.id}",
+        results_url=f"/v1/rerank/jobs/{job.id}/results",
+    )
+    response.status_code = 202
+    response.headers["Location"] = f"/v1/rerank/jobs/{job.id}"
+    return response
+
+
+@bp.post("/v1/rerank/jobs")
+def create_job():
+    settings: Settings = current_app.config["SETTINGS"]
+    request.max_content_length = settings.max_job_bytes
+    owner = owner_token()
+    if request.mimetype in JSON_LINES:
+        try:
+            options = JobOptions.model_validate(request.args.to_dict())
+        except Exception as exc:  # pydantic ValidationError: a bad query parameter
+            raise ApiError(422, f"invalid query parameters: {exc}") from None
+        model = resolve_model(settings, options.model)
+        job = jobs().create_from_lines(model, request.stream, owner=owner,
+                                       return_documents=options.return_documents, raw_scores=options.raw_scores)
+    else:
+        body = parse_body(JobRequest)
+        model = resolve_model(settings, body.model)
+        job = jobs().create_from_items(model, ((f"items.{i}", it) for i, it in enumerate(body.items)),
+                                       owner=owner, return_documents=body.return_documents,
+                                       raw_scores=body.raw_scores)
+    return accepted(job)
+
+
+@bp.get("/v1/rerank/jobs/<job_id>")
+def job_status(job_id: str):
+    service = jobs()
+    return service.status(service.get(job_id, _token()))
+
+
+@bp.get("/v1/rerank/jobs/<job_id>/results")
+def job_results(job_id: str):
+    service = jobs()
+    job = service.get(job_id, _token())
+    response = Response(stream_with_context(service.result_chunks(job)), mimetype="application/jsonl")
+    response.headers["X-Job-Status"] = job.status
+    response.headers["X-Job-Complete"] = "true" if job.finished and service.complete_prefix(job) else "false"
+    return response
+
+
+@bp.delete("/v1/rerank/jobs/<job_id>")
+def cancel_job(job_id: str):
+    service = jobs()
+    job = service.get(job_id, _token())
+    service.store.cancel(job.id)
+    return service.status(service.get(job_id, _token()))

@@ -5,17 +5,22 @@ Nothing here imports torch: the API only validates, dispatches to Redis and shap
 
 from __future__ import annotations
 
+import json
 import logging
 import re
+import time
 import uuid
 
 from flask import Flask, current_app, g, request
 
+from api import metrics
 from api.auth import require_token
 from api.dispatch import Dispatcher
 from api.errors import register_error_handlers
 from api.jobs import JobService
-from api.routes import health, jobs, rerank
+from api.routes import jobs, ops, rerank, tei
+from shared.cluster_metrics import ClusterCollector
+from shared.logs import request_id
 from shared.settings import Settings, get_settings
 
 log = logging.getLogger("api")
@@ -32,25 +37,34 @@ def create_app(settings: Settings | None = None) -> Flask:
     dispatcher = Dispatcher(settings)
     app.extensions["dispatcher"] = dispatcher
     app.extensions["jobs"] = JobService(settings, dispatcher.redis, dispatcher.celery, dispatcher.workers)
+    app.extensions["cluster_metrics"] = ClusterCollector(dispatcher.redis, settings)
 
     register_error_handlers(app)
 
     @app.before_request
     def _identify() -> None:
+        g.started = time.perf_counter()
         given = request.headers.get("X-Request-Id", "")
         g.request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
-        if request.path.startswith("/v1/"):
-            require_token(request.headers.get("Authorization"), current_app.config["SETTINGS"].tokens)
+        request_id.set(g.request_id)
+        conf: Settings = current_app.config["SETTINGS"]
+        if (request.path.startswith("/v1/") or request.path == "/rerank"
+                or (request.path == "/metrics" and conf.metrics_auth)):
+            require_token(request.headers.get("Authorization"), conf.tokens)
 
     @app.after_request
     def _tag(response):
         response.headers["X-Request-Id"] = g.get("request_id", "")
+        route = request.url_rule.rule if request.url_rule else "<unmatched>"
+        metrics.observe(route, request.method, response.status_code, time.perf_counter() - g.get("started", 0))
         return response
 
-    app.register_blueprint(health.bp)
+    app.register_blueprint(ops.bp)
     app.register_blueprint(rerank.bp)
     app.register_blueprint(jobs.bp)
+    app.register_blueprint(tei.bp)
 
+    log.info("configuration: %s", json.dumps(settings.redacted(), default=str))
     if not settings.tokens:
         log.warning(
             "ACCESS_TOKEN is not set: the API is OPEN, anyone who reaches port %d can use it",

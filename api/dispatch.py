@@ -21,7 +21,7 @@ from api.admission import Admission, pending_limit, retry_after
 from api.errors import ApiError
 from shared import names
 from shared.celery_config import make_celery
-from shared.schemas import ScoreReply, ScoreTask
+from shared.schemas import ScoreOptions, ScoreReply, ScoreTask
 from shared.settings import ModelSpec, Settings
 from shared.workers import WorkerRegistry
 
@@ -35,6 +35,7 @@ LIVENESS_CHECK_SECONDS = 1.0
 class Scored:
     logits: list[float]
     input_tokens: int
+    chunks: list[int] | None = None
 
 
 class Dispatcher:
@@ -57,15 +58,17 @@ class Dispatcher:
             raise ApiError(503, f"no worker is serving model {model.name!r} right now")
         return workers
 
-    def score(self, model: ModelSpec, query: str, documents: list[str], request_id: str) -> Scored:
+    def score(self, model: ModelSpec, query: str, documents: list[str], request_id: str,
+              options: ScoreOptions | None = None) -> Scored:
         """Logits of each document for the query, or ApiError 503/504/500."""
         try:
-            return self._score(model, query, documents, request_id)
+            return self._score(model, query, documents, request_id, options or ScoreOptions())
         except (redis.RedisError, OperationalError) as exc:
             log.warning("redis unreachable: %s", exc)
             raise ApiError(503, "the queue (Redis) is unreachable") from None
 
-    def _score(self, model: ModelSpec, query: str, documents: list[str], request_id: str) -> Scored:
+    def _score(self, model: ModelSpec, query: str, documents: list[str], request_id: str,
+               options: ScoreOptions) -> Scored:
         workers = self._require_worker(model)
         now = time.time()
         deadline = now + self.settings.sync_timeout
@@ -79,31 +82,25 @@ class Dispatcher:
                 headers={"Retry-After": str(retry_after(verdict.pending, workers))},
             )
         try:
-            return self._send_and_wait(model, call_id, request_id, query, documents, deadline)
+            task = ScoreTask(call_id=call_id, request_id=request_id, query=query, documents=documents,
+                             deadline=deadline, options=options)
+            return self._send_and_wait(model, task)
         finally:
             try:
                 self.admission.release(model.name, call_id)
             except redis.RedisError:
                 pass  # the entry expires at its deadline anyway
 
-    def _send_and_wait(
-        self, model: ModelSpec, call_id: str, request_id: str, query: str, documents: list[str], deadline: float
-    ) -> Scored:
-        task = ScoreTask(
-            call_id=call_id,
-            request_id=request_id,
-            query=query,
-            documents=documents,
-            deadline=deadline,
-        )
+    def _send_and_wait(self, model: ModelSpec, task: ScoreTask) -> Scored:
+        deadline = task.deadline
         self.celery.send_task(
             names.RERANK_TASK,
             args=[task.model_dump()],
             queue=names.realtime_queue(model.name),
             expires=datetime.fromtimestamp(deadline, tz=timezone.utc),
-            task_id=call_id,
+            task_id=task.call_id,
         )
-        key = names.reply_key(call_id)
+        key = names.reply_key(task.call_id)
         while True:
             left = deadline - time.time()
             if left <= 0:
@@ -119,4 +116,4 @@ class Dispatcher:
     def _unpack(reply: ScoreReply) -> Scored:
         if reply.error is not None or reply.logits is None:
             raise ApiError(reply.status or 500, reply.error or "worker returned no scores")
-        return Scored(logits=reply.logits, input_tokens=reply.input_tokens)
+        return Scored(logits=reply.logits, input_tokens=reply.input_tokens, chunks=reply.chunks)

@@ -1,6 +1,7 @@
 """`python -m rerank`: the command line of rerank-service.
 
     python -m rerank up                      # Redis (if REDIS_URL is unset), workers, API on :6006
+    python -m rerank workers                 # workers only (one per model and GPU), for GPU nodes
     python -m rerank make-model DIR          # a random-weight reranker to try the service offline
     python -m rerank jobs submit in.jsonl --wait -o out.jsonl   # bulk jobs (see `jobs --help`)
 """
@@ -18,7 +19,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m rerank", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("up", help="start Redis (unless REDIS_URL is set), one worker per model and the API")
+    sub.add_parser("up", help="start Redis (unless REDIS_URL is set), the workers and the API")
+    workers = sub.add_parser("workers", help="start workers only: one per model and GPU, restarted if they die")
+    workers.add_argument("--model", action="append", help="only this served model (repeatable)")
     make = sub.add_parser("make-model", help="save a random-weight XLM-R reranker (no download)")
     make.add_argument("out", help="folder to write")
     make.add_argument("--arch", default="tiny", choices=["tiny", "small", "base", "large", "v2-m3"])
@@ -28,11 +31,13 @@ def main(argv: list[str] | None = None) -> int:
     client.add_parser(sub)
     args = parser.parse_args(argv)
 
-    if args.command == "up":
+    if args.command in ("up", "workers"):
         from rerank.launch import up
 
         settings = get_settings()
         configure_logging(settings)
+        if args.command == "workers":
+            return up(settings, api=False, models=args.model)
         return up(settings)
     if args.command == "make-model":
         from rerank.random_model import build_model

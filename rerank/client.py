@@ -20,19 +20,21 @@ import time
 from collections.abc import Iterator
 from typing import IO
 
-import requests
-from tqdm import tqdm
+# requests and tqdm are imported where they are used: the worker image runs `python -m rerank
+# workers` and carries neither.
 
 
 class Client:
     def __init__(self, url: str, token: str | None, timeout: float = 60) -> None:
+        import requests
+
         self.url = url.rstrip("/")
         self.session = requests.Session()
         if token:
             self.session.headers["Authorization"] = f"Bearer {token}"
         self.timeout = timeout
 
-    def _check(self, response: requests.Response) -> requests.Response:
+    def _check(self, response):
         if response.status_code >= 400:
             try:
                 message = response.json().get("error", response.text)
@@ -62,6 +64,8 @@ class Client:
 
     def wait(self, job_id: str, poll: float = 1.0, quiet: bool = False) -> dict:
         """Poll until the job ends, with a progress bar of scored pairs."""
+        from tqdm import tqdm
+
         status = self.status(job_id)
         with tqdm(total=status["progress"]["pairs_total"], unit="pair", disable=quiet, file=sys.stderr) as bar:
             while True:

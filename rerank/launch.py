@@ -1,9 +1,11 @@
-"""`python -m rerank up`: Redis (when none is configured), one worker per model, the API.
+"""`python -m rerank up`: Redis (when none is configured), the workers, the API.
+`python -m rerank workers`: the workers alone, for a GPU node of a larger deployment.
 
 Everything on one machine, like the seed's `python app.py`, but with the real parts: the API
 under gunicorn, warm Celery workers and a Redis bound to loopback with its data in DATA_DIR.
-Ctrl-C stops everything it started, API first and Redis last, so no accepted work is dropped
-on the way down.
+One worker process per model and visible GPU (`GPUS`, `WORKERS_PER_DEVICE`), each pinned with
+CUDA_VISIBLE_DEVICES and restarted if it dies. Ctrl-C stops everything it started, API first and
+Redis last, so no accepted work is dropped on the way down.
 """
 
 from __future__ import annotations
@@ -88,21 +90,55 @@ class Child:
             self.proc.wait()
 
 
+def visible_gpus(setting: str) -> list[str]:
+    """GPU ids to start workers on: `none`, a list like `0,1`, or `auto` (all visible ones)."""
+    setting = setting.strip().lower()
+    if setting in ("none", "cpu", ""):
+        return []
+    if setting != "auto":
+        return [g.strip() for g in setting.split(",") if g.strip()]
+    if os.environ.get("CUDA_VISIBLE_DEVICES") is not None:
+        return [g.strip() for g in os.environ["CUDA_VISIBLE_DEVICES"].split(",") if g.strip()]
+    if shutil.which("nvidia-smi"):
+        listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True)
+        return [str(i) for i, line in enumerate(listing.stdout.splitlines()) if line.startswith("GPU ")]
+    return []
+
+
+def worker_plan(settings: Settings, models: list[str] | None = None) -> list[tuple[str, list[str], dict[str, str]]]:
+    """(name, argv, extra environment) of every worker process to start."""
+    gpus = visible_gpus(settings.gpus)
+    plan = []
+    for spec in settings.served_models:
+        if models and spec.name not in models:
+            continue
+        for device in gpus or ["cpu"]:
+            for n in range(settings.workers_per_device):
+                env = {"CUDA_VISIBLE_DEVICES": device} if gpus else {}
+                where = f"gpu{device}" if gpus else "cpu"
+                plan.append((f"worker[{spec.name}@{where}#{n}]",
+                             [sys.executable, "-m", "worker", "--model", spec.name], env))
+    return plan
+
+
 class Stack:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, api: bool = True, models: list[str] | None = None) -> None:
         self.settings = settings
+        self.with_api = api
+        self.models = models
         self.children: list[Child] = []
         self.stopping = False
 
     def start(self) -> None:
         env = dict(os.environ)
-        if not self.settings.redis_url:
+        if not self.settings.redis_url and self.with_api:
             env["REDIS_URL"] = self._start_redis(env)
         redis_url = env.get("REDIS_URL") or self.settings.broker_url
         self._wait_for_redis(redis_url)
-        for spec in self.settings.served_models:
-            self._spawn(f"worker[{spec.name}]", [sys.executable, "-m", "worker", "--model", spec.name], env, restart=True)
-        self._spawn("api", [sys.executable, "-m", "gunicorn", "-c", str(ROOT / "api" / "gunicorn.conf.py")], env)
+        for name, argv, extra in worker_plan(self.settings, self.models):
+            self._spawn(name, argv, {**env, **extra}, restart=True)
+        if self.with_api:
+            self._spawn("api", [sys.executable, "-m", "gunicorn", "-c", str(ROOT / "api" / "gunicorn.conf.py")], env)
         self._wait_until_ready(redis_url)
 
     def _spawn(self, name: str, argv: list[str], env: dict[str, str], restart: bool = False) -> Child:
@@ -139,8 +175,8 @@ class Stack:
     def _wait_until_ready(self, redis_url: str) -> None:
         registry = WorkerRegistry(redis.Redis.from_url(redis_url))
         health = f"http://127.0.0.1:{self.settings.port}/health"
-        waiting = {spec.name for spec in self.settings.served_models}
-        api_up = False
+        waiting = {spec.name for spec in self.settings.served_models if not self.models or spec.name in self.models}
+        api_up = not self.with_api
         while (waiting or not api_up) and not self.stopping:
             self.check_children()
             waiting = {name for name in waiting if not registry.alive(name, fresh=True)}
@@ -155,6 +191,10 @@ class Stack:
             self._banner()
 
     def _banner(self) -> None:
+        if not self.with_api:
+            names = ", ".join(child.name for child in self.children)
+            print(f"\nworkers ready: {names}\n  Ctrl-C stops them.\n", flush=True)
+            return
         host = self.settings.host if self.settings.host not in ("0.0.0.0", "::") else _lan_address()
         url = f"http://{host}:{self.settings.port}/v1/rerank"
         auth = "the value of ACCESS_TOKEN" if self.settings.tokens else "none (ACCESS_TOKEN unset: open)"
@@ -193,8 +233,8 @@ def _lan_address() -> str:
         return "127.0.0.1"
 
 
-def up(settings: Settings) -> int:
-    stack = Stack(settings)
+def up(settings: Settings, *, api: bool = True, models: list[str] | None = None) -> int:
+    stack = Stack(settings, api=api, models=models)
 
     def _on_signal(signum: int, _frame: object) -> None:
         raise KeyboardInterrupt

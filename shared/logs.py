@@ -1,25 +1,42 @@
-"""Log set-up shared by the API, the workers and the launcher: plain lines or JSON lines."""
+"""Log set-up shared by the API, the workers and the launcher: plain lines or JSON lines.
+
+Every line logged while a request is handled carries its request id (the API's `X-Request-Id`,
+passed to the worker inside the task), so one call can be followed API -> Redis -> worker.
+Tokens are never logged: the settings object redacts them and no handler logs headers.
+"""
 
 from __future__ import annotations
 
 import logging
 import sys
+from contextvars import ContextVar
 
 from pythonjsonlogger.json import JsonFormatter
 
 from shared.settings import Settings
 
-PLAIN = "%(asctime)s %(levelname)s [%(process)d %(name)s] %(message)s"
+request_id: ContextVar[str] = ContextVar("request_id", default="")
+
+PLAIN = "%(asctime)s %(levelname)s [%(process)d %(name)s] %(message)s%(rid)s"
+JSON = "%(asctime)s %(levelname)s %(process)d %(name)s %(message)s %(request_id)s"
+
+
+class _RequestId(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        rid = request_id.get()
+        record.request_id = rid or None
+        record.rid = f" rid={rid}" if rid else ""
+        return True
 
 
 def configure_logging(settings: Settings) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    if settings.log_json:
-        handler.setFormatter(
-            JsonFormatter("%(asctime)s %(levelname)s %(process)d %(name)s %(message)s")
-        )
-    else:
-        handler.setFormatter(logging.Formatter(PLAIN))
+    handler.addFilter(_RequestId())
+    handler.setFormatter(JsonFormatter(JSON) if settings.log_json else logging.Formatter(PLAIN))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(settings.log_level.upper())
+    if root.level > logging.DEBUG:
+        # One line per task received and per task done is noise at thousands of calls a second.
+        for name in ("celery.worker.strategy", "celery.app.trace"):
+            logging.getLogger(name).setLevel(logging.WARNING)

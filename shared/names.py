@@ -61,3 +61,8 @@ def job_pieces_key(job_id: str) -> str:
 def sweep_lock_key() -> str:
     """Held while one API process deletes the stored files of expired jobs."""
     return f"{PREFIX}:jobs:sweep"
+
+
+def worker_metrics_key(worker_id: str) -> str:
+    """A worker's latest metric snapshot (JSON), refreshed with its heartbeat."""
+    return f"{PREFIX}:worker:{worker_id}:metrics"

@@ -38,11 +38,15 @@ def shape_results(
     raw_scores: bool = False,
     top_n: int | None = None,
     return_documents: bool = False,
+    chunks: Sequence[int] | None = None,
 ) -> list[dict[str, object]]:
     """The `results` list of a rerank answer (realtime and bulk alike)."""
-    return [
-        {"index": i, "relevance_score": score, "document": {"text": texts[i]}}
-        if return_documents
-        else {"index": i, "relevance_score": score}
-        for i, score in rank(logits, raw_scores=raw_scores, top_n=top_n)
-    ]
+    results: list[dict[str, object]] = []
+    for i, score in rank(logits, raw_scores=raw_scores, top_n=top_n):
+        result: dict[str, object] = {"index": i, "relevance_score": score}
+        if return_documents:
+            result["document"] = {"text": texts[i]}
+        if chunks is not None:
+            result["chunks"] = chunks[i]
+        results.append(result)
+    return results

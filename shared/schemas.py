@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Annotated
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
 
 
@@ -21,7 +23,43 @@ class TextDocument(_Lenient):
     text: StrictStr
 
 
-class RerankRequest(_Lenient):
+class Chunking(_Lenient):
+    """Score a long document by its best window instead of its first max_length tokens."""
+
+    overlap: Annotated[int, Field(default=32, ge=0, le=4096, description="Tokens shared by neighbour windows.")]
+    max_chunks: Annotated[int, Field(default=64, ge=1, le=1024, description="Most windows per document.")]
+
+
+class LongDocuments(_Lenient):
+    """Options for documents longer than the model's max_length (shared by /v1/rerank and /rerank)."""
+
+    truncation_direction: Literal["right", "left"] = Field(
+        default="right", description="Which end to cut (TEI): right keeps the start, left keeps the end."
+    )
+    max_tokens_per_doc: Annotated[int | None, Field(
+        default=None, ge=1, description="Cohere v2: cut each document to this many tokens first.")]
+    max_chunks_per_doc: Annotated[int | None, Field(
+        default=None, ge=1, le=1024, description="Cohere: score up to this many windows, keep the best.")]
+    chunking: StrictBool | Chunking | None = Field(
+        default=None, description="Best-window scoring: true, or {overlap, max_chunks}.")
+    return_chunks: StrictBool = Field(default=False, description="Say how many windows each document used.")
+
+    def score_options(self, truncate: bool = True) -> ScoreOptions:
+        chunk = self.chunking if isinstance(self.chunking, Chunking) else Chunking() if self.chunking else None
+        if chunk is None and self.max_chunks_per_doc is not None:
+            chunk = Chunking()
+        if chunk is not None and self.max_chunks_per_doc is not None:
+            chunk = Chunking(overlap=chunk.overlap, max_chunks=self.max_chunks_per_doc)
+        return ScoreOptions(
+            direction=self.truncation_direction,
+            max_doc_tokens=self.max_tokens_per_doc,
+            chunk_overlap=chunk.overlap if chunk else None,
+            max_chunks=chunk.max_chunks if chunk else 64,
+            truncate=truncate,
+        )
+
+
+class RerankRequest(LongDocuments):
     """`POST /v1/rerank`: FastGPT's body plus the Cohere/Jina options."""
 
     model: StrictStr | None = Field(
@@ -50,6 +88,7 @@ class RerankResult(BaseModel):
     index: int = Field(description="Position of the document in the request.")
     relevance_score: float
     document: RerankResultDocument | None = None
+    chunks: int | None = Field(default=None, description="Windows scored (with return_chunks).")
 
 
 class TokenCount(BaseModel):
@@ -80,6 +119,36 @@ class ErrorResponse(BaseModel):
     error: str
     error_type: str
     fields: list[dict[str, str]] | None = None
+
+
+# --- operations -------------------------------------------------------------------------------------
+
+
+class HealthResponse(BaseModel):
+    status: str
+
+
+class ReadyResponse(BaseModel):
+    status: str = Field(description="ready or unavailable")
+    redis: str
+    models: dict[str, dict[str, int]] = Field(description="Live workers per served model.")
+    missing: list[str]
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: str = "model"
+    source: str = Field(description="Hugging Face id or folder the weights come from.")
+    max_length: int
+    workers: int = Field(description="Live workers (from their heartbeats).")
+    devices: list[str]
+    dtypes: list[str]
+    pairs_per_second: float | None = Field(description="Measured pace of the live workers together.")
+
+
+class ModelList(BaseModel):
+    object: str = "list"
+    data: list[ModelCard]
 
 
 # --- bulk jobs --------------------------------------------------------------------------------------
@@ -161,6 +230,16 @@ class JobResultLine(BaseModel):
 # --- between the API and the workers (JSON through Redis) -----------------------------------------
 
 
+class ScoreOptions(BaseModel):
+    """How documents longer than max_length are handled (the defaults are FlagEmbedding's)."""
+
+    direction: Literal["right", "left"] = "right"
+    max_doc_tokens: int | None = None
+    chunk_overlap: int | None = None
+    max_chunks: int = 64
+    truncate: bool = True
+
+
 class ScoreTask(BaseModel):
     """What a synchronous call asks a worker: score these documents against this query."""
 
@@ -169,12 +248,15 @@ class ScoreTask(BaseModel):
     query: str
     documents: list[str]
     deadline: float = Field(description="Unix time after which nobody waits for the answer.")
+    options: ScoreOptions = ScoreOptions()
 
 
 class ScoreReply(BaseModel):
-    """A worker's answer: logits in input order, or an error with the HTTP status it deserves."""
+    """A worker's answer: a logit per document in input order (the best window's when chunked),
+    or an error with the HTTP status it deserves."""
 
     logits: list[float] | None = None
+    chunks: list[int] | None = None
     input_tokens: int = 0
     error: str | None = None
     status: int | None = None

@@ -83,6 +83,8 @@ class Settings(BaseSettings):
         default=None, ge=1, description="Realtime pairs pending per model before 429; unset = auto."
     )
 
+    metrics_auth: bool = Field(default=False, description="Put /metrics behind the token too.")
+
     # --- bulk jobs ------------------------------------------------------------------------------
     jobs_url: str | None = Field(
         default=None, description="fsspec URL of job inputs and results; unset = DATA_DIR/jobs."
@@ -102,6 +104,10 @@ class Settings(BaseSettings):
     batch_wait_ms: float = Field(default=2.0, ge=0, description="Most a batch waits for company.")
     worker_concurrency: int = Field(default=32, ge=1, description="Celery threads per worker.")
     torch_threads: int | None = Field(default=None, ge=1, description="CPU threads for torch.")
+    gpus: str = Field(
+        default="auto", description="Launcher: GPUs to start workers on: auto, none, or ids like 0,1."
+    )
+    workers_per_device: int = Field(default=1, ge=1, description="Launcher: workers per GPU (or CPU).")
     heartbeat_interval: float = Field(default=2.0, gt=0)
     visibility_timeout: int = Field(
         default=900, ge=5, description="Seconds before an unacknowledged task is handed out again."

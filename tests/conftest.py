@@ -109,3 +109,18 @@ def multi_api(stack_env, model_dir, worker, log_dir) -> Iterator[Stack]:
     with requests.Session() as session:
         yield Stack(url, env, proc, session)
     proc.stop()
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """After a run that included tests/test_hardening.py: its figures, as one table."""
+    import sys
+
+    module = sys.modules.get("tests.test_hardening")
+    figures = getattr(module, "FIGURES", None)
+    if not figures:
+        return
+    terminalreporter.section("hardening summary: what was tried, how much, what came out")
+    for f in figures:
+        terminalreporter.write_line(f"[{f['area']}] {f['tried']}")
+        terminalreporter.write_line(f"    amount:  {f['amount']}")
+        terminalreporter.write_line(f"    outcome: {f['outcome']}")

@@ -165,7 +165,7 @@ def test_cancel_stops_pieces_from_starting(multi_api, log_dir):
     assert r.status_code == 200 and r.json()["status"] == "cancelled" and r.json()["finished_at"]
     worker = start_worker("worker-spare-cancel", multi_api.env, log_dir, "spare")
     try:
-        wait_for(lambda: "job cancelled" in worker.log_tail(400), 30, "the worker to skip the pieces")
+        wait_for(lambda: "skipped-cancelled" in worker.log_tail(400), 30, "the worker to skip the pieces")
         final = status(multi_api, job_id, None)
         assert final["status"] == "cancelled" and final["progress"]["items_done"] == 0
         lines, headers = results(multi_api, job_id, None)

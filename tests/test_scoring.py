@@ -8,7 +8,10 @@ import threading
 import pytest
 
 from rerank.random_model import documents_of_length, sentence
-from worker.batching import BULK, REALTIME, Batcher, Expired, plan_batches
+from hypothesis import given
+from hypothesis import strategies as st
+
+from worker.batching import BULK, REALTIME, Batcher, Expired, padded_cost, pick_around, plan_batches
 from worker.scoring import ScoringSettings, encode_pairs, score_encoded, score_pairs
 
 
@@ -70,15 +73,30 @@ def test_max_length_is_capped_by_the_model(reranker):
     assert len(seq) == reranker.limit == 512
 
 
-@pytest.mark.parametrize("budget", [1, 50, 100, 1000])
+def test_long_pairs_cost_quadratically():
+    assert padded_cost(4, 512) == 2048 and padded_cost(1, 8192) == 8192 * 16
+    assert plan_batches([8192] * 3 + [2048] * 8, 65536) == [[0], [1], [2], [3, 4, 5, 6, 7, 8, 9, 10]]
+
+
+@pytest.mark.parametrize("budget", [1, 50, 100, 1000, 100_000])
 def test_plan_batches_respects_the_padded_budget(budget):
     rng = random.Random(budget)
-    lengths = [rng.randint(1, 120) for _ in range(200)]
+    lengths = [rng.randint(1, 2000) for _ in range(200)]
     batches = plan_batches(lengths, budget)
     assert sorted(i for b in batches for i in b) == list(range(200))
     for batch in batches:
-        padded = len(batch) * max(lengths[i] for i in batch)
-        assert padded <= budget or len(batch) == 1
+        assert padded_cost(len(batch), max(lengths[i] for i in batch)) <= budget or len(batch) == 1
+
+
+@given(st.lists(st.integers(1, 600), min_size=1, max_size=200), st.data(), st.integers(1, 5000))
+def test_pick_around_holds_the_anchor_and_its_nearest_lengths(lengths, data, budget):
+    anchor = data.draw(st.integers(0, len(lengths) - 1))
+    picked = pick_around(lengths, anchor, budget)
+    assert anchor in picked and len(set(picked)) == len(picked)
+    assert padded_cost(len(picked), max(lengths[i] for i in picked)) <= budget or picked == [anchor]
+    # A contiguous run of the sorted lengths: nothing left out lies strictly inside its range.
+    low, high = min(lengths[i] for i in picked), max(lengths[i] for i in picked)
+    assert not [i for i in range(len(lengths)) if i not in picked and low < lengths[i] < high]
 
 
 def _held_forward(calls):

@@ -19,15 +19,15 @@ log = logging.getLogger(__name__)
 
 
 def run_piece(rt: Runtime, task: PieceTask) -> str:
-    """Score one piece; returns what happened (for the log)."""
+    """Score one piece; returns what happened: done, redone, skipped-*, or failed."""
     store, storage = rt.job_store, rt.job_storage
     job = store.get(task.job_id)
     if job is None:
-        return "job unknown or expired"
+        return "skipped-expired"  # the job is unknown or expired
     if job.status == job_state.CANCELLED:
-        return "job cancelled"
+        return "skipped-cancelled"
     if store.piece_done(task.job_id, task.piece):
-        return "already done"
+        return "skipped-duplicate"  # counted already
     store.mark_started(task.job_id)
 
     items = list(storage.read_lines(storage.input_path(task.job_id, task.piece)))
@@ -58,4 +58,4 @@ def run_piece(rt: Runtime, task: PieceTask) -> str:
         })
     storage.write_lines(storage.result_path(task.job_id, task.piece), lines)
     counted = store.complete_piece(task.job_id, task.piece, len(items), pairs)
-    return "done" if counted else "done again (already counted)"
+    return "done" if counted else "redone"  # redone: a redelivered piece, counted once

@@ -63,15 +63,25 @@ class Reranker:
     ) -> list[list[int]]:
         """Token ids of each (query, document) pair, truncated as FlagEmbedding does."""
         max_length = min(max_length or self.max_length, self.limit)
-        tok = self.tokenizer
-        q = tok(query, add_special_tokens=False, truncation=True, max_length=max_length * 3 // 4)
-        q_ids = q["input_ids"]
+        q_ids = self.query_ids(query, max_length)
         if not documents:
             return []
-        docs = tok(list(documents), add_special_tokens=False, truncation=True, max_length=max_length)
-        room = max(max_length - len(q_ids) - self.specials, 0)
+        docs = self.tokenizer(list(documents), add_special_tokens=False, truncation=True, max_length=max_length)
+        room = self.room(q_ids, max_length)
         head = self.prefix + q_ids + self.middle
         return [head + d[:room] + self.suffix for d in docs["input_ids"]]
+
+    def query_ids(self, query: str, max_length: int) -> list[int]:
+        """The query's tokens, cut to 3/4 of max_length (FlagEmbedding's query_max_length)."""
+        enc = self.tokenizer(query, add_special_tokens=False, truncation=True, max_length=max_length * 3 // 4)
+        return enc["input_ids"]
+
+    def room(self, q_ids: Sequence[int], max_length: int) -> int:
+        """Tokens left for the passage once the query and the special tokens are in."""
+        return max(max_length - len(q_ids) - self.specials, 1)
+
+    def pair(self, q_ids: Sequence[int], d_ids: Sequence[int]) -> list[int]:
+        return [*self.prefix, *q_ids, *self.middle, *d_ids, *self.suffix]
 
     def collate(self, batch: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Right-padded ids and attention mask on the CPU (pinned for a fast copy to CUDA)."""
@@ -86,22 +96,32 @@ class Reranker:
         return ids, mask
 
     @torch.inference_mode()
-    def run(self, prepared: tuple[torch.Tensor, torch.Tensor]) -> list[float]:
-        """Logits (float32) of a collated batch. CUDA out-of-memory becomes `OutOfMemory`."""
-        ids, mask = (t.to(self.device, non_blocking=True) for t in prepared)
+    def launch(self, prepared: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """Start the forward pass of a collated batch; on CUDA this returns before it is done."""
         try:
-            logits = self.model(input_ids=ids, attention_mask=mask).logits
+            ids, mask = (t.to(self.device, non_blocking=True) for t in prepared)
+            return self.model(input_ids=ids, attention_mask=mask).logits
+        except RuntimeError as exc:
+            raise _out_of_memory(exc, self.device) from None
+
+    def finish(self, logits: torch.Tensor) -> list[float]:
+        """Wait for the device and return the logits as float32 Python floats."""
+        try:
             return logits.view(-1).float().cpu().tolist()
-        except RuntimeError as exc:  # torch.OutOfMemoryError on CUDA; a RuntimeError on CPU
-            if not isinstance(exc, torch.OutOfMemoryError) and "can't allocate memory" not in str(exc):
-                raise
-            del ids, mask
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
-            raise OutOfMemory(str(exc)) from None
+        except RuntimeError as exc:
+            raise _out_of_memory(exc, self.device) from None
 
     def forward(self, batch: Sequence[Sequence[int]]) -> list[float]:
-        return self.run(self.collate(batch))
+        return self.finish(self.launch(self.collate(batch)))
+
+
+def _out_of_memory(exc: RuntimeError, device: torch.device) -> Exception:
+    """`OutOfMemory` for the batcher to split the batch; any other error unchanged."""
+    if not isinstance(exc, torch.OutOfMemoryError) and "can't allocate memory" not in str(exc):
+        return exc
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return OutOfMemory(str(exc))
 
 
 def _pair_template(tokenizer) -> tuple[list[int], list[int], list[int]]:

@@ -6,6 +6,7 @@ never on a first request; a worker whose model fails to load exits before taking
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -24,8 +25,15 @@ from shared.settings import ModelSpec, Settings
 from shared.storage import JobStorage
 from shared.workers import WorkerRegistry
 from worker.batching import REALTIME, Batcher, Expired
+from worker.metrics import WorkerMetrics
 from worker.model import Reranker, load_reranker
-from worker.scoring import default_batch_tokens
+from worker.scoring import (
+    DocumentPolicy,
+    InputTooLong,
+    best_per_document,
+    default_batch_tokens,
+    encode_documents,
+)
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +54,7 @@ class Pace:
         self._seconds = 0.0
         self._lock = threading.Lock()
 
-    def record(self, pairs: int, _padded_tokens: int, seconds: float) -> None:
+    def record(self, pairs: int, seconds: float) -> None:
         decay = math.exp(-seconds / self.HORIZON_SECONDS)
         with self._lock:
             self._pairs = self._pairs * decay + pairs
@@ -65,6 +73,7 @@ class Runtime:
     batcher: Batcher
     redis: redis.Redis
     pace: Pace
+    metrics: WorkerMetrics
     job_store: JobStore
     job_storage: JobStorage
     worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}")
@@ -80,12 +89,19 @@ class Runtime:
         )
         budget = settings.max_batch_tokens or default_batch_tokens(reranker.device.type)
         pace = Pace()
+        metrics = WorkerMetrics(spec.name)
+
+        def on_batch(pairs: int, real: int, padded: int, seconds: float) -> None:
+            pace.record(pairs, seconds)
+            metrics.on_batch(pairs, real, padded, seconds)
+
         batcher = Batcher(
-            reranker.run,
+            reranker.launch,
             collate=reranker.collate,
+            finish=reranker.finish,
             max_batch_tokens=budget,
             max_wait=settings.batch_wait_ms / 1000,
-            on_batch=pace.record,
+            on_batch=on_batch,
         ).start()
         client = redis.Redis.from_url(
             settings.broker_url, socket_connect_timeout=2, socket_timeout=10, health_check_interval=30
@@ -97,6 +113,7 @@ class Runtime:
         )
         return cls(
             spec=spec, settings=settings, reranker=reranker, batcher=batcher, redis=client, pace=pace,
+            metrics=metrics,
             job_store=JobStore(client, settings.job_ttl), job_storage=JobStorage(settings.job_storage_url),
         )
 
@@ -122,6 +139,8 @@ class Runtime:
             while not self._stop.is_set():
                 try:
                     registry.announce(self.spec.name, self.worker_id, self.describe(), ttl=3 * interval)
+                    self.redis.set(names.worker_metrics_key(self.worker_id),
+                                   json.dumps(self.metrics.snapshot()), px=int(3 * interval * 1000))
                 except redis.RedisError as exc:
                     log.warning("heartbeat failed: %s", exc)
                 self._stop.wait(interval)
@@ -140,17 +159,30 @@ class Runtime:
     # --- work ----------------------------------------------------------------------------------
     def score(self, task: ScoreTask) -> ScoreReply | None:
         """Score one synchronous call; None when its caller has already given up."""
+        started = time.perf_counter()
         timeout = task.deadline - time.time()
         if timeout <= 0 or not self.redis.hexists(names.pending_keys(self.spec.name)[1], task.call_id):
             return None  # the caller gave up (timeout, or it stopped waiting on a dead-looking worker)
-        with self.batcher.incoming():
-            sequences = self.reranker.encode(task.query, task.documents)
+        opts = task.options
+        policy = DocumentPolicy(direction=opts.direction, max_doc_tokens=opts.max_doc_tokens,
+                                chunk_overlap=opts.chunk_overlap, max_chunks=opts.max_chunks, truncate=opts.truncate)
+        try:
+            with self.batcher.incoming():
+                sequences, owners = encode_documents(self.reranker, task.query, task.documents, None, policy)
+        except InputTooLong as exc:
+            return ScoreReply(error=str(exc), status=413)
         ticket = self.batcher.submit(sequences, priority=REALTIME, deadline=task.deadline)
         try:
             logits = ticket.wait(timeout=max(task.deadline - time.time(), 0))
         except Expired:
             return None
-        return ScoreReply(logits=logits, input_tokens=sum(len(s) for s in sequences))
+        tokens = sum(len(s) for s in sequences)
+        log.info("scored %d pairs (%d tokens) in %.1f ms", len(sequences), tokens,
+                 (time.perf_counter() - started) * 1000)
+        if policy.chunk_overlap is None:
+            return ScoreReply(logits=logits, input_tokens=tokens)
+        best, chunks = best_per_document(logits, owners, len(task.documents))
+        return ScoreReply(logits=best, chunks=chunks, input_tokens=tokens)
 
     def reply(self, call_id: str, reply: ScoreReply) -> None:
         key = names.reply_key(call_id)

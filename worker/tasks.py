@@ -8,6 +8,7 @@ import redis
 from celery import shared_task
 
 from shared import names
+from shared.logs import request_id
 from shared.schemas import PieceTask, ScoreReply, ScoreTask
 from worker import runtime
 from worker.jobs import run_piece
@@ -18,6 +19,7 @@ log = logging.getLogger(__name__)
 @shared_task(name=names.RERANK_TASK, acks_late=True)
 def rerank_realtime(payload: dict) -> None:
     task = ScoreTask.model_validate(payload)
+    request_id.set(task.request_id)  # every log line of this call carries the API's X-Request-Id
     rt = runtime.current()
     try:
         reply = rt.score(task)
@@ -25,8 +27,10 @@ def rerank_realtime(payload: dict) -> None:
         log.exception("request %s failed", task.request_id)
         reply = ScoreReply(error=f"scoring failed: {type(exc).__name__}: {exc}", status=500)
     if reply is None:
+        rt.metrics.task_done("realtime", "dropped")
         log.info("request %s: its caller gave up before it was scored; dropped", task.request_id)
         return
+    rt.metrics.task_done("realtime", "error" if reply.error else "ok")
     rt.reply(task.call_id, reply)
 
 
@@ -40,5 +44,8 @@ def rerank_realtime(payload: dict) -> None:
 )
 def rerank_bulk_piece(payload: dict) -> None:
     task = PieceTask.model_validate(payload)
-    outcome = run_piece(runtime.current(), task)
+    request_id.set(task.job_id)
+    rt = runtime.current()
+    outcome = run_piece(rt, task)
+    rt.metrics.task_done("bulk", outcome)
     log.info("job %s piece %d: %s", task.job_id, task.piece, outcome)

@@ -9,7 +9,8 @@ from api.errors import ApiError
 from api.jobs import JobService
 from api.validation import parse_body, resolve_model
 from shared.jobs import owner_of
-from shared.schemas import JobOptions, JobRequest
+from api.openapi import documented
+from shared.schemas import JobCreated, JobItem, JobOptions, JobRequest, JobResultLine, JobStatus
 from shared.settings import Settings
 
 bp = Blueprint("jobs", __name__)
@@ -43,6 +44,17 @@ def accepted(job) -> Response:
 
 
 @bp.post("/v1/rerank/jobs")
+@documented(
+    summary="Create a bulk rerank job (JSON body, or JSON Lines with options as query parameters)",
+    body=JobRequest,
+    extra_bodies={media: {"schema": {"type": "string", "description": "one JobItem per line"}}
+                  for media in JSON_LINES[:2]},
+    query=JobOptions,
+    responses={202: JobCreated},
+    schemas=(JobItem,),
+    errors=(400, 404, 413, 422, 503),
+    tag="jobs",
+)
 def create_job():
     settings: Settings = current_app.config["SETTINGS"]
     request.max_content_length = settings.max_job_bytes
@@ -65,12 +77,21 @@ def create_job():
 
 
 @bp.get("/v1/rerank/jobs/<job_id>")
+@documented(summary="A job's status and progress", responses={200: JobStatus}, errors=(404, 503), tag="jobs")
 def job_status(job_id: str):
     service = jobs()
     return service.status(service.get(job_id, _token()))
 
 
 @bp.get("/v1/rerank/jobs/<job_id>/results")
+@documented(
+    summary="A job's results as JSON Lines in input order (finished pieces so far while it runs)",
+    responses={200: {"application/jsonl": {"schema": {"type": "string",
+                                                      "description": "one JobResultLine per line"}}}},
+    errors=(404, 503),
+    schemas=(JobResultLine,),
+    tag="jobs",
+)
 def job_results(job_id: str):
     service = jobs()
     job = service.get(job_id, _token())
@@ -81,6 +102,7 @@ def job_results(job_id: str):
 
 
 @bp.delete("/v1/rerank/jobs/<job_id>")
+@documented(summary="Cancel a job: no more pieces start", responses={200: JobStatus}, errors=(404, 503), tag="jobs")
 def cancel_job(job_id: str):
     service = jobs()
     job = service.get(job_id, _token())

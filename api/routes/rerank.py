@@ -8,13 +8,22 @@ from api.errors import ApiError
 from api.routes.jobs import accepted, jobs, owner_token
 from api.validation import parse_body, resolve_model
 from shared.ranking import shape_results
-from shared.schemas import JobItem, RerankRequest
+from api.openapi import documented
+from shared.schemas import JobCreated, JobItem, RerankRequest, RerankResponse
 from shared.settings import Settings
 
 bp = Blueprint("rerank", __name__)
 
 
 @bp.post("/v1/rerank")
+@documented(
+    summary="Rerank documents for a query (FastGPT, Cohere and Jina format)",
+    body=RerankRequest,
+    responses={200: RerankResponse, 202: JobCreated},
+    errors=(400, 404, 413, 422, 429, 500, 503, 504),
+    headers={"Prefer": "`respond-async`: answer 202 with a job instead of waiting",
+             "X-Request-Id": "echoed back; generated when absent"},
+)
 def rerank():
     settings: Settings = current_app.config["SETTINGS"]
     req = parse_body(RerankRequest)
@@ -31,10 +40,11 @@ def rerank():
         response.headers["Preference-Applied"] = "respond-async"
         return response
     texts = req.texts()
-    scored = current_app.extensions["dispatcher"].score(model, req.query, texts, g.request_id)
+    scored = current_app.extensions["dispatcher"].score(model, req.query, texts, g.request_id, req.score_options())
     results = shape_results(
         scored.logits, texts, raw_scores=req.raw_scores, top_n=req.top_n,
         return_documents=req.return_documents,
+        chunks=(scored.chunks or [1] * len(texts)) if req.return_chunks else None,
     )
     # Shaped as RerankResponse (shared/schemas.py), built as a plain dict: no second validation.
     return jsonify(

@@ -1,0 +1,195 @@
+"""Long documents: best-chunk scoring, truncation options, out-of-memory splitting, TEI's /rerank."""
+
+from __future__ import annotations
+
+import math
+import threading
+
+import pytest
+import requests
+import torch
+
+from rerank.random_model import documents_of_length
+from worker.batching import Batcher
+from worker.scoring import (
+    DocumentPolicy,
+    InputTooLong,
+    best_per_document,
+    encode_documents,
+    score_encoded,
+    windows,
+)
+
+
+@pytest.fixture(scope="module")
+def long_doc(reranker) -> str:
+    return documents_of_length(reranker.tokenizer, [1500], seed=21)[0]
+
+
+def doc_tokens(reranker, text):
+    return reranker.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+@pytest.mark.parametrize("n, size, overlap", [(10, 4, 1), (11, 4, 1), (5, 4, 0), (1000, 100, 30), (3, 8, 2)])
+def test_windows_cover_the_document_with_the_overlap(n, size, overlap):
+    tokens = list(range(n))
+    parts = windows(tokens, size, overlap, max_chunks=1000, direction="right")
+    assert all(len(p) == min(size, n) for p in parts)
+    assert sorted({t for p in parts for t in p}) == tokens
+    for a, b in zip(parts, parts[1:]):
+        assert a[0] < b[0] and len(set(a) & set(b)) >= min(overlap, size // 2)
+
+
+def test_chunked_score_is_the_max_of_each_window_scored_alone(reranker, long_doc):
+    policy = DocumentPolicy(chunk_overlap=16, max_chunks=64)
+    query = "which part talks about the queue"
+    sequences, owners = encode_documents(reranker, query, ["short one", long_doc], 128, policy)
+    logits = score_encoded(reranker, sequences, 2048)
+    best, chunks = best_per_document(logits, owners, 2)
+    assert chunks[0] == 1 and chunks[1] > 10
+    q_ids = reranker.query_ids(query, 128)
+    room = reranker.room(q_ids, 128)
+    alone = [reranker.forward([reranker.pair(q_ids, w)])[0]
+             for w in windows(doc_tokens(reranker, long_doc), room, 16, 64, "right")]
+    assert len(alone) == chunks[1]
+    assert abs(best[1] - max(alone)) < 1e-5
+    # Without chunking the document is cut FlagEmbedding's way: only its first window counts.
+    (plain,) = score_encoded(reranker, reranker.encode(query, [long_doc], 128), 2048)
+    assert abs(plain - alone[0]) < 1e-5
+
+
+def test_left_truncation_and_max_tokens_per_doc(reranker, long_doc):
+    tokens = doc_tokens(reranker, long_doc)
+    q_ids = reranker.query_ids("q", 128)
+    room = reranker.room(q_ids, 128)
+    (left,), _ = encode_documents(reranker, "q", [long_doc], 128, DocumentPolicy(direction="left"))
+    assert left == reranker.pair(q_ids, tokens[-room:])
+    (capped,), _ = encode_documents(reranker, "q", [long_doc], 512, DocumentPolicy(max_doc_tokens=40))
+    assert capped == reranker.pair(reranker.query_ids("q", 512), tokens[:40])
+    with pytest.raises(InputTooLong):
+        encode_documents(reranker, "q", [long_doc], 128, DocumentPolicy(truncate=False))
+
+
+def test_out_of_memory_in_the_scoring_path_is_recovered_by_splitting(reranker, monkeypatch):
+    """A real Reranker whose model runs out of memory on batches of more than two pairs."""
+    texts = documents_of_length(reranker.tokenizer, [30, 60, 90, 120, 150, 180, 210], seed=3)
+    encoded = reranker.encode("q", texts)
+    expected = [reranker.forward([seq])[0] for seq in encoded]
+    real_forward = reranker.model.forward
+    tried, ran = [], []
+
+    def forward(*args, **kwargs):
+        rows = kwargs["input_ids"].shape[0]
+        tried.append(rows)
+        if rows > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        ran.append(rows)
+        return real_forward(*args, **kwargs)
+
+    monkeypatch.setattr(reranker.model, "forward", forward)
+    batcher = Batcher(reranker.launch, collate=reranker.collate, finish=reranker.finish,
+                      max_batch_tokens=100_000).start()
+    try:
+        got = batcher.submit(encoded).wait(30)
+    finally:
+        batcher.stop()
+    assert tried[0] == 7 and max(ran) <= 2 and sum(ran) == 7  # tried whole, then recovered in halves
+    assert max(abs(a - b) for a, b in zip(got, expected)) < 1e-5
+
+
+# --- over HTTP --------------------------------------------------------------------------------------
+
+
+@pytest.mark.stack
+def test_20000_token_document_is_scored_not_rejected(api, reranker):
+    huge = documents_of_length(reranker.tokenizer, [20000], seed=4)[0]
+    r = api.post("/v1/rerank", {"query": "needle", "documents": [huge, "small"]})
+    assert r.status_code == 200, r.text
+    r = api.post("/v1/rerank", {"query": "needle", "documents": [huge, "small"], "chunking": True,
+                                "return_chunks": True})
+    assert r.status_code == 200, r.text
+    chunks = {x["index"]: x["chunks"] for x in r.json()["results"]}
+    assert chunks[1] == 1 and 40 <= chunks[0] <= 64
+    r = api.post("/v1/rerank", {"query": "needle", "documents": [huge], "max_chunks_per_doc": 5,
+                                "return_chunks": True})
+    assert r.json()["results"][0]["chunks"] == 5
+
+
+@pytest.mark.stack
+def test_chunking_over_http_equals_the_in_process_maximum(api, reranker, long_doc):
+    body = {"query": "queue", "documents": [long_doc], "chunking": {"overlap": 8, "max_chunks": 3},
+            "raw_scores": True, "return_chunks": True}
+    (result,) = api.post("/v1/rerank", body).json()["results"]
+    sequences, owners = encode_documents(reranker, "queue", [long_doc], None,
+                                         DocumentPolicy(chunk_overlap=8, max_chunks=3))
+    best, chunks = best_per_document(score_encoded(reranker, sequences, 2048), owners, 1)
+    assert result["chunks"] == chunks[0] == 3
+    assert abs(result["relevance_score"] - best[0]) < 1e-5
+
+
+@pytest.mark.stack
+def test_tei_rerank_answers_a_bare_sorted_array(api):
+    body = {"query": "what is deep learning", "texts": ["Deep learning is ...", "cheese", "天气"], "return_text": True}
+    r = api.post("/rerank", body)
+    assert r.status_code == 200, r.text
+    ranks = r.json()
+    assert isinstance(ranks, list) and sorted(x["index"] for x in ranks) == [0, 1, 2]
+    assert [x["score"] for x in ranks] == sorted((x["score"] for x in ranks), reverse=True)
+    assert all(x["text"] == body["texts"][x["index"]] for x in ranks)
+    raw = api.post("/rerank", {**body, "raw_scores": True, "return_text": False}).json()
+    by_index = {x["index"]: x["score"] for x in ranks}
+    assert all("text" not in x and abs(1 / (1 + math.exp(-x["score"])) - by_index[x["index"]]) < 1e-6 for x in raw)
+
+
+@pytest.mark.stack
+def test_tei_errors_have_tei_statuses_and_shape(api, multi_api, reranker):
+    cases = [
+        ({"query": "q", "texts": []}, 422, "Validation"),
+        ({"query": "q"}, 422, "Validation"),
+        ({"query": "q", "texts": ["a"] * 65}, 422, "Validation"),
+        ({"query": "q", "texts": [documents_of_length(reranker.tokenizer, [900])[0]], "truncate": False},
+         413, "Validation"),
+    ]
+    for body, status, kind in cases:
+        r = api.post("/rerank", body)
+        assert (r.status_code, r.json().get("error_type")) == (status, kind), r.text
+        assert set(r.json()) == {"error", "error_type"}
+    long_ok = api.post("/rerank", {"query": "q", "texts": [documents_of_length(reranker.tokenizer, [900])[0]],
+                                   "truncate": True})
+    assert long_ok.status_code == 200
+    r = api.post("/rerank", data=b"{oops", headers={"Content-Type": "application/json"})
+    assert r.status_code == 422 and r.json()["error_type"] == "Validation"
+    assert api.post("/rerank", {"query": "q", "texts": ["a"]}, token=None).status_code == 401
+    r = multi_api.post("/rerank", {"model": "spare", "query": "q", "texts": ["a"]}, token=None)
+    assert (r.status_code, r.json()["error_type"]) == (503, "Unhealthy")
+
+
+@pytest.mark.stack
+def test_tei_info_is_public_and_describes_a_reranker(api):
+    r = requests.get(api.url + "/info", timeout=5)
+    assert r.status_code == 200
+    info = r.json()
+    assert "reranker" in info["model_type"] and info["max_input_length"] == 512
+    assert info["max_client_batch_size"] == 64
+
+
+@pytest.mark.stack
+def test_concurrent_chunked_and_plain_calls_keep_their_own_results(api, reranker, long_doc):
+    outcomes = {}
+
+    def call(name, body):
+        outcomes[name] = api.post("/v1/rerank", body).json()
+
+    plain = {"query": "q", "documents": [long_doc, "x"], "raw_scores": True}
+    chunked = {**plain, "chunking": True, "return_chunks": True}
+    threads = [threading.Thread(target=call, args=(f"{kind}{i}", body))
+               for i in range(4) for kind, body in (("plain", plain), ("chunked", chunked))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    first = {k: {x["index"]: x["relevance_score"] for x in v["results"]} for k, v in outcomes.items()}
+    for i in range(4):
+        assert first[f"plain{i}"] == pytest.approx(first["plain0"], abs=1e-5)
+        assert first[f"chunked{i}"] == pytest.approx(first["chunked0"], abs=1e-5)
+    assert first["chunked0"][0] >= first["plain0"][0] - 1e-5  # the best window beats or equals the first

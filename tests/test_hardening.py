@@ -115,7 +115,7 @@ def body(rng: random.Random) -> tuple[str, dict]:
     kind = rng.random()
     if kind < 0.15:
         return "/rerank", {"query": sentence(rng, 4), "texts": docs, "return_text": rng.random() < 0.5}
-    b = {"model": "bge-reranker-base", "query": sentence(rng, rng.randint(1, 8)), "documents": docs}
+    b = {"model": "tiny", "query": sentence(rng, rng.randint(1, 8)), "documents": docs}
     if kind < 0.4:
         b.update(top_n=rng.randint(1, 40), return_documents=True)
     elif kind < 0.5:
@@ -276,7 +276,7 @@ def test_worker_sigkill_under_load(hard):
     assert final["status"] == "succeeded" and [x["id"] for x in lines] == list(range(400))
     record("faults", "SIGKILL the worker under load, start another",
            f"{len(down)} calls while it was down; a 400-item job running",
-           f"{Counter(s for _, s, _ in down)} within {max(t for _, _, t in down):.1f} s each; "
+           f"{dict(Counter(s for _, s, _ in down))}, each within {max(t for _, _, t in down) * 1000:.0f} ms; "
            f"all {len(after)} calls after the restart 200/429; job: 400/400 items, none lost or doubled")
 
 
@@ -287,8 +287,8 @@ def test_redis_restart_under_load(hard):
              or client.hget(f"rerank:job:{job}", "status") == b"succeeded", 60, "the job to run")
     with Background(hard) as load:
         time.sleep(1.5)
-        stopped_at = time.monotonic()
         assert hard.redis.stop() == 0  # SIGTERM: Redis writes its append-only file and exits
+        stopped_at = time.monotonic()
         time.sleep(4)
         back_at = time.monotonic()
         hard.redis, _ = start_redis(hard.log_dir, port=hard.redis_port, data_dir=hard.data / "redis")
@@ -303,7 +303,7 @@ def test_redis_restart_under_load(hard):
     assert hard.worker.popen.poll() is None and hard.api.popen.poll() is None  # no process restarted
     record("faults", "stop Redis under load for 4 s, start it again (same data)",
            f"{len(down)} calls while it was down",
-           f"all 503 within {max(t for _, _, t in down):.1f} s; API and worker recovered by themselves "
+           f"all 503, each within {max(t for _, _, t in down) * 1000:.0f} ms; API and worker recovered by themselves "
            f"{recovered - back_at:.1f} s after Redis returned; a 300-item job kept its state and finished")
 
 
@@ -417,7 +417,11 @@ def test_worker_survives_the_fuzzing(hard):
 
 def test_schemathesis_against_the_openapi_document(hard):
     import schemathesis
-    from schemathesis.specs.openapi.checks import not_a_server_error, status_code_conformance
+    from schemathesis.specs.openapi.checks import (
+        content_type_conformance,
+        response_schema_conformance,
+        status_code_conformance,
+    )
 
     schema = schemathesis.openapi.from_url(hard.url + "/openapi.json")
     failures: list[str] = []
@@ -434,12 +438,17 @@ def test_schemathesis_against_the_openapi_document(hard):
             nonlocal calls
             calls += 1
             case.headers = {**(case.headers or {}), "Authorization": f"Bearer {TOKENS[0]}"}
-            response = case.call(base_url=hard.url, timeout=SYNC_TIMEOUT + 10)
             try:
-                not_a_server_error(None, response, case)
-                status_code_conformance(None, response, case)
+                response = case.call(base_url=hard.url, timeout=SYNC_TIMEOUT + 10)
+                # 503 is by design where a served model ("broken" here) has no worker: /ready says so.
+                expected_503 = response.status_code == 503 and ("worker for" in response.text
+                                                                or "no worker" in response.text)
+                if response.status_code >= 500 and not expected_503:
+                    failures.append(f"{case.method} {case.path} -> {response.status_code}: {response.text[:200]}")
+                case.validate_response(response, checks=[status_code_conformance, content_type_conformance,
+                                                          response_schema_conformance])
             except Exception as exc:  # collect, so one run reports every operation
-                failures.append(f"{case.method} {case.path} -> {response.status_code}: {exc}")
+                failures.append(f"{case.method} {case.path}: {str(exc)[:400]}")
 
         check()
     assert not failures, failures[:5]

@@ -14,6 +14,7 @@ import sys
 from celery import signals
 
 from shared import names
+from worker import broker_fixes
 from worker.bulk_gate import BulkGate
 from shared.celery_config import make_celery
 from shared.logs import configure_logging
@@ -73,9 +74,12 @@ def main(argv: list[str] | None = None) -> None:
     def _shutdown(**_: object) -> None:
         rt.stop()
 
+    broker_fixes.apply()
     # Realtime first: the broker is read in this order (queue_order_strategy=priority).
     queues = [names.realtime_queue(spec.name), names.bulk_queue(spec.name)]
-    BulkGate(names.bulk_queue(spec.name)).connect()
+    gate = BulkGate(names.bulk_queue(spec.name))
+    gate.connect()
+    rt.on_heartbeat = gate.sync
     app.worker_main(
         [
             "worker",

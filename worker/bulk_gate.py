@@ -3,8 +3,12 @@
 Celery hands a worker as many messages as it has threads, whatever their queue. Left alone, a
 long job fills every thread with bulk pieces and a FastGPT call waits for one to finish before it
 is even read. The gate stops consuming the bulk queue while `limit` pieces are in the worker and
-starts again when one ends; the realtime queue is always consumed. The batcher then puts the
+consumes it again when one ends; the realtime queue is always consumed. The batcher then puts the
 realtime pairs ahead of the bulk ones.
+
+Queue changes belong to the consumer's thread, so they are made there (directly when a message
+arrives, through `call_soon` otherwise), and `sync` is also called with every heartbeat: after a
+lost and re-established broker connection the consumer state is put right again.
 """
 
 from __future__ import annotations
@@ -27,13 +31,16 @@ class BulkGate:
         self.queue = bulk_queue
         self.limit = limit
         self.in_flight = 0
-        self.paused = False
         self._consumer = None
         self._lock = threading.Lock()
 
     def connect(self) -> None:
         signals.task_received.connect(self._received, weak=False)
         signals.task_postrun.connect(self._finished, weak=False)
+        signals.worker_ready.connect(self._ready, weak=False)
+
+    def _ready(self, sender=None, **_: object) -> None:
+        self._consumer = sender if hasattr(sender, "call_soon") else getattr(sender, "consumer", None)
 
     def _received(self, sender=None, request=None, **_: object) -> None:
         """Consumer thread: a message was taken from the broker."""
@@ -42,10 +49,7 @@ class BulkGate:
         self._consumer = sender
         with self._lock:
             self.in_flight += 1
-            pause = self.in_flight >= self.limit and not self.paused
-            self.paused = self.paused or pause
-        if pause:
-            sender.cancel_task_queue(self.queue)  # same thread as the consumer: safe
+        self._apply()
 
     def _finished(self, sender=None, **_: object) -> None:
         """Pool thread: a task ended (successfully or not)."""
@@ -53,8 +57,26 @@ class BulkGate:
             return
         with self._lock:
             self.in_flight -= 1
-            resume = self.paused and self.in_flight < self.limit
-            self.paused = self.paused and not resume
-        if resume and self._consumer is not None:
-            # Queue changes belong to the consumer thread: it runs this at its next loop turn.
-            self._consumer.call_soon(self._consumer.add_task_queue, self.queue)
+        self.sync()
+
+    def sync(self) -> None:
+        """From any thread: make the consumer's bulk consumption match the number in flight."""
+        consumer = self._consumer
+        if consumer is not None:
+            consumer.call_soon(self._apply)
+
+    def _apply(self) -> None:
+        """Consumer thread only."""
+        consumer = self._consumer
+        if consumer is None or consumer.task_consumer is None:
+            return
+        with self._lock:
+            wanted = self.in_flight < self.limit
+        try:
+            consuming = consumer.task_consumer.consuming_from(self.queue)
+            if consuming and not wanted:
+                consumer.cancel_task_queue(self.queue)
+            elif wanted and not consuming:
+                consumer.add_task_queue(self.queue)
+        except Exception as exc:  # the broker connection is down: the next heartbeat tries again
+            log.debug("bulk gate could not change the consumer now: %s", exc)

@@ -14,6 +14,7 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import redis
@@ -76,6 +77,7 @@ class Runtime:
     metrics: WorkerMetrics
     job_store: JobStore
     job_storage: JobStorage
+    on_heartbeat: Callable[[], None] | None = None  # e.g. the bulk gate's re-check
     worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}")
     _stop: threading.Event = field(default_factory=threading.Event)
     _heartbeat: threading.Thread | None = None
@@ -143,6 +145,8 @@ class Runtime:
                                    json.dumps(self.metrics.snapshot()), px=int(3 * interval * 1000))
                 except redis.RedisError as exc:
                     log.warning("heartbeat failed: %s", exc)
+                if self.on_heartbeat is not None:
+                    self.on_heartbeat()
                 self._stop.wait(interval)
 
         self._heartbeat = threading.Thread(target=beat, name="heartbeat", daemon=True)

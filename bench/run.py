@@ -130,12 +130,6 @@ def run_clients(call: Callable[[str, list[str]], None], per_client: list[list[tu
     return timing
 
 
-def best_of(repeat: int, measure: Callable[[], Timing], key: str) -> dict[str, float]:
-    """Run a measurement `repeat` times, keep the best (this VM's speed drifts by ~10 %)."""
-    runs = [measure().summary() for _ in range(max(1, repeat))]
-    return max(runs, key=lambda r: r[key]) if key == "pairs_per_s" else min(runs, key=lambda r: r[key])
-
-
 def http_caller(url: str) -> Callable[[str, list[str]], None]:
     local = threading.local()
 
@@ -149,142 +143,171 @@ def http_caller(url: str) -> Callable[[str, list[str]], None]:
     return call
 
 
-# --- the three systems --------------------------------------------------------------------------
+# --- the three systems, loaded side by side and measured in turns -------------------------------
+# All three stay loaded while the others run (idle processes cost nothing measurable), and every
+# measurement alternates between them, so the slow drift of this VM's speed (~10 %) falls on all
+# three alike instead of on whichever happened to run last.
 
 
-def ceiling(path: Path, w: Workloads, only: set[str], device: str, repeat: int) -> dict:
-    from worker.model import load_reranker
-    from worker.scoring import ScoringSettings, default_batch_tokens, score_pairs
+class Ceiling:
+    """The scoring function called in-process: no HTTP, no queue."""
 
-    reranker = load_reranker(str(path), device=device)
-    settings = ScoringSettings(max_batch_tokens=default_batch_tokens(reranker.device.type))
+    name = "ceiling"
 
-    def call(query: str, docs: list[str]) -> None:
-        score_pairs(reranker, [(query, d) for d in docs], settings)
+    def __init__(self, path: Path, device: str) -> None:
+        from worker.model import load_reranker
+        from worker.scoring import ScoringSettings, default_batch_tokens, score_pairs
 
-    call(*w.w3[0])  # warm up
-    out: dict[str, dict] = {}
-    if "w2" in only:
-        everything = [(q, d) for client in w.w2 for q, docs in client for d in docs]
+        self.reranker = load_reranker(str(path), device=device)
+        self.settings = ScoringSettings(max_batch_tokens=default_batch_tokens(self.reranker.device.type))
+        self._score = score_pairs
 
-        def whole() -> Timing:
-            started = time.perf_counter()
-            score_pairs(reranker, everything, settings)
-            return Timing([], len(everything), time.perf_counter() - started)
+    def call(self, query: str, docs: list[str]) -> None:
+        self._score(self.reranker, [(query, d) for d in docs], self.settings)
 
-        out["w2"] = best_of(repeat, whole, "pairs_per_s")
-
-        # Profile of the naive baseline: the seed's scoring alone, in-process, and its padding.
-        from bench.naive_server import SEED_BATCH, naive_scores
-
-        def seed_way() -> Timing:
-            started = time.perf_counter()
-            for client in w.w2:
-                for query, docs in client:
-                    naive_scores(reranker, query, docs)
-            return Timing([], len(everything), time.perf_counter() - started)
-
-        real = padded_seed = 0
-        for client in w.w2:
-            for query, docs in client:
-                lengths = [len(x) for x in reranker.encode(query, docs)]
-                real += sum(lengths)
-                for start in range(0, len(lengths), SEED_BATCH):
-                    chunk = lengths[start : start + SEED_BATCH]
-                    padded_seed += len(chunk) * max(chunk)
-        out["w2_seed_scoring_in_process"] = best_of(repeat, seed_way, "pairs_per_s")
-        out["w2_seed_scoring_in_process"]["real_over_padded_tokens"] = real / padded_seed
-    if "w3" in only:
-        out["w3"] = best_of(repeat, lambda: run_clients(call, [w.w3]), "p50_ms")
-    if "w4" in only:
-        everything = [(q, d) for q, docs in w.w4 for d in docs]
+    def whole(self, requests_: list[tuple[str, list[str]]]) -> Timing:
+        """The whole workload as one call (the batcher's best case: global sort)."""
+        pairs = [(q, d) for q, docs in requests_ for d in docs]
         started = time.perf_counter()
-        score_pairs(reranker, everything, settings)
-        out["w4"] = {"pairs_per_s": len(everything) / (time.perf_counter() - started)}
-    del reranker
-    gc.collect()
+        self._score(self.reranker, pairs, self.settings)
+        took = time.perf_counter() - started
+        return Timing([], len(pairs), took)
+
+
+class Naive:
+    """The seed's way: one request at a time over HTTP, unsorted batches of 256."""
+
+    name = "naive"
+
+    def __init__(self, path: Path, log_dir: Path, device: str) -> None:
+        self.port = free_port()
+        env = base_env(MODEL_DIR=str(path), DEVICE=device)
+        self.proc = Proc(f"naive-{path.name}", [sys.executable, "-m", "gunicorn", "-w", "1", "-k", "sync",
+                                                 "-t", "3600", "-b", f"127.0.0.1:{self.port}",
+                                                 "bench.naive_server:create_app()"], env, log_dir)
+        self.call = http_caller(f"http://127.0.0.1:{self.port}")
+        wait_for(lambda: self.call("warm", ["up"]) or True, 180, "the naive server", self.proc)
+
+    def close(self) -> None:
+        self.proc.stop()
+
+
+class Service:
+    """This project end to end: gunicorn API, Redis, a Celery worker."""
+
+    name = "service"
+
+    def __init__(self, path: Path, log_dir: Path, device: str) -> None:
+        self.redis, redis_url = start_redis(log_dir)
+        env = base_env(REDIS_URL=redis_url, MODELS=f"bench={path}", SYNC_TIMEOUT="900", DEVICE=device,
+                       DATA_DIR=str(log_dir / f"data-{path.name}"), LOG_LEVEL="WARNING",
+                       API_WORKERS="2", API_THREADS="32")
+        self.worker = start_worker(f"worker-{path.name}", env, log_dir, "bench")
+        self.api, self.url = start_api(f"api-{path.name}", env, log_dir)
+        self.call = http_caller(self.url)
+        self.call("warm", ["up"])
+
+    def bulk_job(self, items: list[tuple[str, list[str]]]) -> Timing:
+        """Through the job path: submit, poll until done; from submission to the end."""
+        body = {"items": [{"query": q, "documents": d} for q, d in items]}
+        pairs = sum(len(d) for _, d in items)
+        started = time.perf_counter()
+        r = requests.post(self.url + "/v1/rerank/jobs", json=body, timeout=600)
+        r.raise_for_status()
+        job = r.json()["id"]
+        while True:
+            status = requests.get(f"{self.url}/v1/rerank/jobs/{job}", timeout=30).json()
+            if status["status"] in ("succeeded", "failed", "cancelled"):
+                break
+            time.sleep(0.1)
+        if status["status"] != "succeeded":
+            raise RuntimeError(f"bulk job ended {status['status']}: {status}")
+        return Timing([], pairs, time.perf_counter() - started)
+
+    def close(self) -> None:
+        self.api.stop()
+        self.worker.stop()
+        self.redis.stop()
+
+
+def measure(path: Path, w: Workloads, only: set[str], log_dir: Path, args) -> dict[str, dict]:
+    """Every requested workload on all three systems, in turns."""
+    out: dict[str, dict] = {"ceiling": {}, "naive": {}, "service": {}}
+    naive = Naive(path, log_dir, args.device) if only & {"w1", "w2", "w3"} else None
+    service = Service(path, log_dir, args.device)
+    ceiling = Ceiling(path, args.device)
+    ceiling.call("warm", ["up"])
+    systems = [s for s in (ceiling, naive, service) if s is not None]
+    try:
+        if "w1" in only:
+            print("  W1 …", flush=True)
+            runs = {s.name: Timing() for s in systems}
+            for _ in range(args.w1_reps):
+                for system in systems:
+                    runs[system.name].latencies += run_clients(system.call, [w.w1]).latencies
+            for name, timing in runs.items():
+                out[name]["w1"] = timing.summary()
+        if "w2" in only:
+            print("  W2 …", flush=True)
+            best: dict[str, dict] = {}
+            for _ in range(args.repeat):
+                for system in systems:
+                    timing = ceiling.whole([r for c in w.w2 for r in c]) if system is ceiling \
+                        else run_clients(system.call, w.w2)
+                    summary = timing.summary()
+                    if summary["pairs_per_s"] > best.get(system.name, {}).get("pairs_per_s", 0):
+                        best[system.name] = summary
+            for name, summary in best.items():
+                out[name]["w2"] = summary
+            out["ceiling"]["w2_seed_scoring_in_process"] = seed_profile(ceiling, w)
+        if "w3" in only:
+            print("  W3 …", flush=True)
+            best = {}
+            for _ in range(args.repeat):
+                for system in systems:
+                    summary = run_clients(system.call, [w.w3]).summary()
+                    if summary["p50_ms"] < best.get(system.name, {}).get("p50_ms", float("inf")):
+                        best[system.name] = summary
+            for name, summary in best.items():
+                out[name]["w3"] = summary
+        if "w4" in only:
+            print("  W4 …", flush=True)
+            totals = {"ceiling": Timing(), "service": Timing()}
+            part = max(1, len(w.w4) // 4)
+            for start in range(0, len(w.w4), part):
+                chunk = w.w4[start : start + part]
+                for name, timing in (("ceiling", ceiling.whole(chunk)), ("service", service.bulk_job(chunk))):
+                    totals[name].pairs += timing.pairs
+                    totals[name].wall += timing.wall
+            for name, timing in totals.items():
+                out[name]["w4"] = {"pairs_per_s": timing.pairs / timing.wall, "pairs": timing.pairs,
+                                   "seconds": timing.wall}
+    finally:
+        service.close()
+        if naive is not None:
+            naive.close()
+        del ceiling
+        gc.collect()
     return out
 
 
-def ceiling_w1(path: Path, w: Workloads, reps: int, device: str) -> dict:
-    from worker.model import load_reranker
-    from worker.scoring import ScoringSettings, default_batch_tokens, score_pairs
+def seed_profile(ceiling: Ceiling, w: Workloads) -> dict[str, float]:
+    """Why the naive server is slow: the seed's scoring alone, in-process, and its padding."""
+    from bench.naive_server import SEED_BATCH, naive_scores
 
-    reranker = load_reranker(str(path), device=device)
-    settings = ScoringSettings(max_batch_tokens=default_batch_tokens(reranker.device.type))
-    score_pairs(reranker, [(w.w3[0][0], w.w3[0][1][0])], settings)
-    query, docs = w.w1[0]
-    timing = run_clients(lambda q, d: score_pairs(reranker, [(q, x) for x in d], settings), [[(query, docs)] * reps])
-    del reranker
-    gc.collect()
-    return {"w1": timing.summary()}
-
-
-def naive(path: Path, w: Workloads, only: set[str], log_dir: Path, device: str, repeat: int = 1,
-          w1_reps: int = 0) -> dict:
-    port = free_port()
-    env = base_env(MODEL_DIR=str(path), DEVICE=device)
-    proc = Proc(f"naive-{path.name}", [sys.executable, "-m", "gunicorn", "-w", "1", "-k", "sync", "-t", "3600",
-                                       "-b", f"127.0.0.1:{port}", "bench.naive_server:create_app()"], env, log_dir)
-    url = f"http://127.0.0.1:{port}"
-    call = http_caller(url)
-    try:
-        wait_for(lambda: call(*w.w3[0]) or True, 120, "the naive server", proc)
-        out: dict[str, dict] = {}
-        if w1_reps:
-            out["w1"] = run_clients(call, [[w.w1[0]] * w1_reps]).summary()
-        if "w2" in only:
-            out["w2"] = best_of(repeat, lambda: run_clients(call, w.w2), "pairs_per_s")
-        if "w3" in only:
-            out["w3"] = best_of(repeat, lambda: run_clients(call, [w.w3]), "p50_ms")
-        return out
-    finally:
-        proc.stop()
-
-
-def service(path: Path, w: Workloads, only: set[str], log_dir: Path, device: str, repeat: int = 1,
-            w1_reps: int = 0) -> dict:
-    redis_proc, redis_url = start_redis(log_dir)
-    env = base_env(REDIS_URL=redis_url, MODELS=f"bench={path}", SYNC_TIMEOUT="900", DEVICE=device,
-                   DATA_DIR=str(log_dir / "data"), LOG_LEVEL="WARNING", API_WORKERS="2", API_THREADS="32")
-    worker = start_worker(f"worker-{path.name}", env, log_dir, "bench")
-    api, url = start_api(f"api-{path.name}", env, log_dir)
-    call = http_caller(url)
-    try:
-        call(*w.w3[0])
-        out: dict[str, dict] = {}
-        if w1_reps:
-            out["w1"] = run_clients(call, [[w.w1[0]] * w1_reps]).summary()
-        if "w2" in only:
-            out["w2"] = best_of(repeat, lambda: run_clients(call, w.w2), "pairs_per_s")
-        if "w3" in only:
-            out["w3"] = best_of(repeat, lambda: run_clients(call, [w.w3]), "p50_ms")
-        if "w4" in only:
-            out["w4"] = bulk_job(url, w.w4)
-        return out
-    finally:
-        api.stop()
-        worker.stop()
-        redis_proc.stop()
-
-
-def bulk_job(url: str, items: list[tuple[str, list[str]]]) -> dict:
-    """W4 through the job path: submit, poll until done; pairs/s from submission to the end."""
-    body = {"items": [{"query": q, "documents": d} for q, d in items]}
-    pairs = sum(len(d) for _, d in items)
+    requests_ = [r for c in w.w2 for r in c]
+    real = padded = 0
+    for query, docs in requests_:
+        lengths = [len(x) for x in ceiling.reranker.encode(query, docs)]
+        real += sum(lengths)
+        for start in range(0, len(lengths), SEED_BATCH):
+            chunk = lengths[start : start + SEED_BATCH]
+            padded += len(chunk) * max(chunk)
     started = time.perf_counter()
-    r = requests.post(url + "/v1/rerank/jobs", json=body, timeout=600)
-    r.raise_for_status()
-    job = r.json()["id"]
-    while True:
-        status = requests.get(f"{url}/v1/rerank/jobs/{job}", timeout=30).json()
-        if status["status"] in ("succeeded", "failed", "cancelled"):
-            break
-        time.sleep(0.2)
-    wall = time.perf_counter() - started
-    if status["status"] != "succeeded":
-        raise RuntimeError(f"bulk job ended {status['status']}: {status}")
-    return {"pairs_per_s": pairs / wall, "pairs": pairs, "seconds": wall}
+    for query, docs in requests_:
+        naive_scores(ceiling.reranker, query, docs)
+    took = time.perf_counter() - started
+    return {"pairs_per_s": sum(len(d) for _, d in requests_) / took, "real_over_padded_tokens": real / padded}
 
 
 # --- report -------------------------------------------------------------------------------------
@@ -366,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smaller workloads, for a smoke run")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--w1-reps", type=int, default=5)
-    parser.add_argument("--repeat", type=int, default=3, help="W2 and W3 runs per system; the best counts")
+    parser.add_argument("--repeat", type=int, default=3, help="W2 and W3 turns per system; the best counts")
     parser.add_argument("--w2-requests", type=int, default=4, help="requests per W2 client (16 clients)")
     parser.add_argument("--w3-requests", type=int, default=100)
     parser.add_argument("--w4-pairs", type=int, default=20000)
@@ -386,24 +409,15 @@ def main(argv: list[str] | None = None) -> int:
     log_dir = Path(tempfile.mkdtemp(prefix="rerank-bench-"))
     print(f"logs in {log_dir}", flush=True)
     results: dict[str, dict] = {"ceiling": {}, "naive": {}, "service": {}}
-
     if "w1" in only:
-        big = model_dir(args.w1_arch)
-        print("W1 ceiling …", flush=True)
-        results["ceiling"].update(ceiling_w1(big, w, args.w1_reps, args.device))
-        print("W1 naive …", flush=True)
-        results["naive"].update(naive(big, w, set(), log_dir, args.device, w1_reps=args.w1_reps))
-        print("W1 service …", flush=True)
-        results["service"].update(service(big, w, set(), log_dir, args.device, w1_reps=args.w1_reps))
+        print(f"W1 on {args.w1_arch} …", flush=True)
+        for name, figures in measure(model_dir(args.w1_arch), w, {"w1"}, log_dir, args).items():
+            results[name].update(figures)
     rest = only & {"w2", "w3", "w4"}
     if rest:
-        print(f"{sorted(rest)} ceiling …", flush=True)
-        results["ceiling"].update(ceiling(small, w, rest, args.device, args.repeat))
-        if rest & {"w2", "w3"}:
-            print(f"{sorted(rest & {'w2', 'w3'})} naive …", flush=True)
-            results["naive"].update(naive(small, w, rest, log_dir, args.device, args.repeat))
-        print(f"{sorted(rest)} service …", flush=True)
-        results["service"].update(service(small, w, rest, log_dir, args.device, args.repeat))
+        print(f"{', '.join(sorted(rest)).upper()} on {args.arch} …", flush=True)
+        for name, figures in measure(small, w, rest, log_dir, args).items():
+            results[name].update(figures)
 
     report = {"machine": machine(), "models": {"w1": args.w1_arch, "w2_w4": args.arch},
               "workloads": {"repeat_best_of": args.repeat, "w1_docs": 100, "w1_reps": args.w1_reps, "w2_clients": 16, "w2_requests_per_client": args.w2_requests,

@@ -54,3 +54,19 @@ def test_api_process_never_imports_torch():
             "print(bad); sys.exit(1 if bad else 0)")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_gpu_node_compose_file_needs_shared_redis_and_storage():
+    exe = shutil.which("docker-compose")
+    if exe is None:
+        pytest.skip("docker-compose (Debian package) is not installed")
+    path = str(ROOT / "docker-compose.worker.yml")
+    missing = subprocess.run([exe, "-f", path, "config"], cwd=ROOT, capture_output=True, text=True,
+                             env={"PATH": "/usr/bin:/bin"})
+    assert missing.returncode != 0 and "REDIS_URL" in missing.stderr
+    env = {"PATH": "/usr/bin:/bin", "REDIS_URL": "redis://:pw@redis-host:6379/0", "JOBS_URL": "s3://bucket/jobs"}
+    out = subprocess.run([exe, "-f", path, "config"], cwd=ROOT, capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    worker = yaml.safe_load(out.stdout)["services"]["worker"]
+    assert worker["environment"]["REDIS_URL"] == env["REDIS_URL"] and worker["shm_size"]
+    assert worker["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]

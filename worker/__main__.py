@@ -48,6 +48,11 @@ def main(argv: list[str] | None = None) -> None:
     configure_logging(settings)
     spec = choose_model(settings, args.model)
 
+    # OpenMP threads spin for ~300k iterations after each parallel region by default. In a worker
+    # that shares its cores with Celery's threads, Redis and often the API, that spinning steals
+    # the CPU the reply path needs: 10k spins cut 3-4 ms off a 1-document call on 2 cores and
+    # left model speed unchanged (bench/run.py W3). Must be set before torch loads libgomp.
+    os.environ.setdefault("GOMP_SPINCOUNT", "10000")
     import torch  # only now: `--help` stays fast
 
     if settings.torch_threads:

@@ -22,8 +22,8 @@ from shared import names
 
 log = logging.getLogger(__name__)
 
-#: Bulk pieces a worker holds at once: enough to keep the device busy between pieces.
-PIECES_IN_FLIGHT = 3
+#: Bulk pieces a worker holds at once: enough to keep the device busy while the next is fetched.
+PIECES_IN_FLIGHT = 8
 
 
 class BulkGate:

@@ -22,7 +22,7 @@ from pydantic import ValidationError
 from api.errors import ApiError
 from shared import names
 from shared.jobs import Job, JobStore, new_job_id, owner_of
-from shared.schemas import JobItem, PieceTask
+from shared.schemas import JobItem, JobOptions, PieceTask, RerankRequest
 from shared.settings import ModelSpec, Settings
 from shared.storage import JobStorage
 from shared.workers import WorkerRegistry
@@ -110,11 +110,11 @@ class JobService:
         return int(min(max(max(paces) * PIECE_SECONDS, PIECE_PAIRS_MIN), PIECE_PAIRS_MAX))
 
     def create_from_items(self, model: ModelSpec, items: Iterable[tuple[str, JobItem]], *, owner: str,
-                          return_documents: bool, raw_scores: bool) -> Job:
-        return self._create(model, ((w, i, None) for w, i in items), owner, return_documents, raw_scores)
+                          options: JobOptions | RerankRequest) -> Job:
+        return self._create(model, ((w, i, None) for w, i in items), owner, options)
 
     def create_from_lines(self, model: ModelSpec, lines: Iterable[bytes], *, owner: str,
-                          return_documents: bool, raw_scores: bool) -> Job:
+                          options: JobOptions) -> Job:
         def parsed() -> Iterator[tuple[str, JobItem | None, str | None]]:
             for number, line in enumerate(lines, start=1):
                 if not line.strip():
@@ -124,10 +124,10 @@ class JobService:
                 except ValidationError as exc:
                     yield f"line {number}", None, _message(exc)
 
-        return self._create(model, parsed(), owner, return_documents, raw_scores)
+        return self._create(model, parsed(), owner, options)
 
     def _create(self, model: ModelSpec, entries: Iterable[tuple[str, JobItem | None, str | None]],
-                owner: str, return_documents: bool, raw_scores: bool) -> Job:
+                owner: str, options: JobOptions | RerankRequest) -> Job:
         self._maybe_sweep()
         job_id = new_job_id()
         cutter = _Cutter(self.storage, job_id, self.piece_pairs(model), self.settings.max_documents)
@@ -154,7 +154,8 @@ class JobService:
             )
         job = Job(id=job_id, model=model.name, status="queued", owner=owner, items_total=cutter.items,
                   pairs_total=cutter.pairs, pieces_total=cutter.pieces, created_at=time.time(),
-                  return_documents=return_documents, raw_scores=raw_scores)
+                  return_documents=options.return_documents, raw_scores=options.raw_scores,
+                  return_chunks=options.return_chunks, options=options.score_options().model_dump_json())
         self.storage.write_lines(f"{self.storage.job_dir(job_id)}/job.json", [{"created_at": job.created_at}])
         try:
             self.store.create(job)

@@ -64,7 +64,7 @@ return status
 
 _INTS = ("items_total", "pairs_total", "pieces_total", "items_done", "pairs_done", "pieces_done", "errors")
 _FLOATS = ("created_at", "started_at", "finished_at")
-_BOOLS = ("return_documents", "raw_scores")
+_BOOLS = ("return_documents", "raw_scores", "return_chunks")
 
 
 def new_job_id() -> str:
@@ -96,6 +96,8 @@ class Job:
     finished_at: float | None = None
     return_documents: bool = False
     raw_scores: bool = False
+    return_chunks: bool = False
+    options: str = "{}"  # ScoreOptions as JSON: how long documents are handled
 
     @classmethod
     def from_redis(cls, raw: dict[bytes, bytes]) -> Job:
@@ -138,6 +140,7 @@ class JobStore:
             "pieces_total": job.pieces_total, "items_done": 0, "pairs_done": 0, "pieces_done": 0,
             "errors": 0, "created_at": job.created_at or time.time(),
             "return_documents": int(job.return_documents), "raw_scores": int(job.raw_scores),
+            "return_chunks": int(job.return_chunks), "options": job.options,
         }
         self._redis.hset(names.job_key(job.id), mapping=fields)
 

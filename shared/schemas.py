@@ -166,20 +166,19 @@ class JobItem(_Lenient):
         return [d if isinstance(d, str) else d.text for d in self.documents]
 
 
-class JobOptions(_Lenient):
-    """Options of a job; for a JSON Lines upload they come as query parameters."""
+class JobOptions(LongDocuments):
+    """Options of a job (the long-document ones as in /v1/rerank); for a JSON Lines upload they
+    come as query parameters."""
 
     model: StrictStr | None = None
-    return_documents: bool = False
-    raw_scores: bool = False
+    return_documents: StrictBool = False
+    raw_scores: StrictBool = False
 
 
 class JobRequest(JobOptions):
     """`POST /v1/rerank/jobs` with a JSON body."""
 
     items: Annotated[list[JobItem], Field(min_length=1)]
-    return_documents: StrictBool = False
-    raw_scores: StrictBool = False
 
 
 class JobCreated(BaseModel):

@@ -215,3 +215,30 @@ def test_realtime_call_is_answered_while_a_job_runs(api):
     latencies.sort()
     print(f"\nrealtime latency during a bulk job: p50 {latencies[5] * 1000:.0f} ms, max {latencies[-1] * 1000:.0f} ms; "
           f"job at {during['progress']['percent']}% after the calls")
+
+
+def test_jobs_take_the_long_document_options_of_the_sync_endpoint(api, reranker):
+    from rerank.random_model import documents_of_length
+
+    long_doc = documents_of_length(reranker.tokenizer, [1500], seed=9)[0]
+    options = {"chunking": {"overlap": 16, "max_chunks": 8}, "return_chunks": True, "raw_scores": True}
+    items = [{"id": "long", "query": "which part", "documents": [long_doc, "short"]}]
+    job_id = submit(api, items, **options)
+    wait_finished(api, job_id)
+    (line,), _ = results(api, job_id)
+    sync = api.post("/v1/rerank", {"query": "which part", "documents": [long_doc, "short"], **options}).json()
+    assert [(r["index"], r["chunks"]) for r in line["results"]] == [(r["index"], r["chunks"]) for r in sync["results"]]
+    # ~1500 tokens in windows of ~500 with 16 overlapping: 4 chunks, under the cap of 8.
+    assert {r["index"]: r["chunks"] for r in line["results"]} == {0: 4, 1: 1}
+    for got, want in zip(line["results"], sync["results"]):
+        assert abs(got["relevance_score"] - want["relevance_score"]) < 1e-5
+    # The same options as query parameters of a JSON Lines upload.
+    r = api.post("/v1/rerank/jobs?chunking=true&return_chunks=true&max_chunks_per_doc=3",
+                 data=json.dumps(items[0]).encode(), headers={"Content-Type": "application/jsonl"})
+    assert r.status_code == 202, r.text
+    wait_finished(api, r.json()["id"])
+    (line,), _ = results(api, r.json()["id"])
+    assert {x["index"]: x["chunks"] for x in line["results"]} == {0: 3, 1: 1}
+    bad = api.post("/v1/rerank/jobs?max_chunks_per_doc=0", data=json.dumps(items[0]).encode(),
+                   headers={"Content-Type": "application/jsonl"})
+    assert bad.status_code == 422 and "max_chunks_per_doc" in bad.json()["error"]

@@ -11,9 +11,10 @@ import logging
 
 from shared import jobs as job_state
 from shared.ranking import shape_results
-from shared.schemas import PieceTask
+from shared.schemas import PieceTask, ScoreOptions
 from worker.batching import BULK
 from worker.runtime import Runtime
+from worker.scoring import best_per_document, document_policy, encode_documents
 
 log = logging.getLogger(__name__)
 
@@ -32,10 +33,12 @@ def run_piece(rt: Runtime, task: PieceTask) -> str:
 
     items = list(storage.read_lines(storage.input_path(task.job_id, task.piece)))
     pairs = sum(len(item["documents"]) for item in items)
+    policy = document_policy(ScoreOptions.model_validate_json(job.options))
     try:
         with rt.batcher.incoming():
-            encoded = [rt.reranker.encode(item["query"], item["documents"]) for item in items]
-        flat = [seq for seqs in encoded for seq in seqs]
+            encoded = [encode_documents(rt.reranker, item["query"], item["documents"], None, policy)
+                       for item in items]
+        flat = [seq for seqs, _ in encoded for seq in seqs]
         logits = rt.batcher.submit(flat, priority=BULK).wait()
     except Exception as exc:  # a piece that cannot be scored is reported, not retried for ever
         log.exception("job %s piece %d failed", task.job_id, task.piece)
@@ -46,14 +49,15 @@ def run_piece(rt: Runtime, task: PieceTask) -> str:
         return "failed"
 
     lines, start = [], 0
-    for item, seqs in zip(items, encoded):
-        item_logits = logits[start : start + len(seqs)]
+    for item, (seqs, owners) in zip(items, encoded):
+        item_logits, chunks = best_per_document(logits[start : start + len(seqs)], owners, len(item["documents"]))
         start += len(seqs)
         lines.append({
             "id": item["id"],
             "index": item["index"],
             "results": shape_results(item_logits, item["documents"], raw_scores=job.raw_scores,
-                                     top_n=item.get("top_n"), return_documents=job.return_documents),
+                                     top_n=item.get("top_n"), return_documents=job.return_documents,
+                                     chunks=chunks if job.return_chunks else None),
             "meta": {"tokens": {"input_tokens": sum(len(s) for s in seqs)}},
         })
     storage.write_lines(storage.result_path(task.job_id, task.piece), lines)

@@ -29,10 +29,10 @@ from worker.batching import REALTIME, Batcher, Expired
 from worker.metrics import WorkerMetrics
 from worker.model import Reranker, load_reranker
 from worker.scoring import (
-    DocumentPolicy,
     InputTooLong,
     best_per_document,
     default_batch_tokens,
+    document_policy,
     encode_documents,
 )
 
@@ -167,9 +167,7 @@ class Runtime:
         timeout = task.deadline - time.time()
         if timeout <= 0 or not self.redis.hexists(names.pending_keys(self.spec.name)[1], task.call_id):
             return None  # the caller gave up (timeout, or it stopped waiting on a dead-looking worker)
-        opts = task.options
-        policy = DocumentPolicy(direction=opts.direction, max_doc_tokens=opts.max_doc_tokens,
-                                chunk_overlap=opts.chunk_overlap, max_chunks=opts.max_chunks, truncate=opts.truncate)
+        policy = document_policy(task.options)
         try:
             with self.batcher.incoming():
                 sequences, owners = encode_documents(self.reranker, task.query, task.documents, None, policy)

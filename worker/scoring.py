@@ -88,6 +88,13 @@ class DocumentPolicy:
                 and self.truncate)
 
 
+def document_policy(options) -> DocumentPolicy:
+    """The policy a task's ScoreOptions (shared/schemas.py) asks for."""
+    return DocumentPolicy(direction=options.direction, max_doc_tokens=options.max_doc_tokens,
+                          chunk_overlap=options.chunk_overlap, max_chunks=options.max_chunks,
+                          truncate=options.truncate)
+
+
 def windows(tokens: Sequence[int], size: int, overlap: int, max_chunks: int, direction: str) -> list[list[int]]:
     """Windows of `size` tokens that overlap by `overlap` and cover `tokens` (at most max_chunks:
     the first ones, or the last ones when cutting from the left)."""

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+
 from flask import Blueprint, Response, current_app, request, stream_with_context
+from pydantic import ValidationError
 
 from api.auth import presented_token
 from api.errors import ApiError
@@ -60,20 +63,40 @@ def create_job():
     request.max_content_length = settings.max_job_bytes
     owner = owner_token()
     if request.mimetype in JSON_LINES:
-        try:
-            options = JobOptions.model_validate(request.args.to_dict())
-        except Exception as exc:  # pydantic ValidationError: a bad query parameter
-            raise ApiError(422, f"invalid query parameters: {exc}") from None
+        options = query_options()
         model = resolve_model(settings, options.model)
-        job = jobs().create_from_lines(model, request.stream, owner=owner,
-                                       return_documents=options.return_documents, raw_scores=options.raw_scores)
+        job = jobs().create_from_lines(model, request.stream, owner=owner, options=options)
     else:
         body = parse_body(JobRequest)
         model = resolve_model(settings, body.model)
         job = jobs().create_from_items(model, ((f"items.{i}", it) for i, it in enumerate(body.items)),
-                                       owner=owner, return_documents=body.return_documents,
-                                       raw_scores=body.raw_scores)
+                                       owner=owner, options=body)
     return accepted(job)
+
+
+def query_options() -> JobOptions:
+    """JobOptions from query parameters: true/false spelled as text, numbers and JSON as text."""
+    raw: dict[str, object] = {}
+    for key, value in request.args.items():
+        text = value.strip()
+        if text.lower() in ("true", "false"):
+            raw[key] = text.lower() == "true"
+        elif text.lstrip("-").isdigit():
+            raw[key] = int(text)
+        elif text.startswith("{"):
+            try:
+                raw[key] = json.loads(text)
+            except ValueError:
+                raw[key] = text
+        else:
+            raw[key] = text
+    try:
+        return JobOptions.model_validate(raw)
+    except ValidationError as exc:
+        fields = [{"field": ".".join(map(str, e["loc"])), "message": e["msg"]}
+                  for e in exc.errors(include_input=False, include_url=False)]
+        raise ApiError(422, f"invalid query parameters: {fields[0]['field']}: {fields[0]['message']}",
+                       fields=fields) from None
 
 
 @bp.get("/v1/rerank/jobs/<job_id>")

@@ -34,8 +34,7 @@ def rerank():
     model = resolve_model(settings, req.model)
     if "respond-async" in request.headers.get("Prefer", ""):
         item = JobItem(query=req.query, documents=req.documents, top_n=req.top_n)
-        job = jobs().create_from_items(model, [("body", item)], owner=owner_token(),
-                                       return_documents=req.return_documents, raw_scores=req.raw_scores)
+        job = jobs().create_from_items(model, [("body", item)], owner=owner_token(), options=req)
         response = accepted(job)
         response.headers["Preference-Applied"] = "respond-async"
         return response

@@ -201,7 +201,7 @@ class Service:
         self.redis, redis_url = start_redis(log_dir)
         env = base_env(REDIS_URL=redis_url, MODELS=f"bench={path}", SYNC_TIMEOUT="900", DEVICE=device,
                        DATA_DIR=str(log_dir / f"data-{path.name}"), LOG_LEVEL="WARNING",
-                       API_WORKERS="2", API_THREADS="32")
+                       API_WORKERS="2", API_THREADS="32", HEARTBEAT_INTERVAL="0.5")
         self.worker = start_worker(f"worker-{path.name}", env, log_dir, "bench")
         self.api, self.url = start_api(f"api-{path.name}", env, log_dir)
         self.call = http_caller(self.url)
@@ -223,6 +223,23 @@ class Service:
         if status["status"] != "succeeded":
             raise RuntimeError(f"bulk job ended {status['status']}: {status}")
         return Timing([], pairs, time.perf_counter() - started)
+
+    def model_counters(self, after: float = 0.0) -> dict[str, float]:
+        """The worker's model seconds, pairs and tokens so far, from /metrics (published with each
+        heartbeat, so wait for one that started after `after`)."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        wanted = {"rerank_batch_seconds_sum": "model_s", "rerank_pairs_scored_total": "pairs",
+                  "rerank_tokens_scored_total": "real_tokens", "rerank_tokens_computed_total": "padded_tokens"}
+        while time.time() < after + 1.5:  # three heartbeats of 0.5 s
+            time.sleep(0.1)
+        out = dict.fromkeys(wanted.values(), 0.0)
+        text = requests.get(self.url + "/metrics", timeout=30).text
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name in wanted:
+                    out[wanted[sample.name]] += sample.value
+        return out
 
     def close(self) -> None:
         self.api.stop()
@@ -273,15 +290,27 @@ def measure(path: Path, w: Workloads, only: set[str], log_dir: Path, args) -> di
         if "w4" in only:
             print("  W4 …", flush=True)
             totals = {"ceiling": Timing(), "service": Timing()}
+            model = dict.fromkeys(("model_s", "pairs", "real_tokens", "padded_tokens"), 0.0)
             part = max(1, len(w.w4) // 4)
             for start in range(0, len(w.w4), part):
                 chunk = w.w4[start : start + part]
+                before = service.model_counters()
                 for name, timing in (("ceiling", ceiling.whole(chunk)), ("service", service.bulk_job(chunk))):
                     totals[name].pairs += timing.pairs
                     totals[name].wall += timing.wall
+                after = service.model_counters(after=time.time())
+                for key in model:
+                    model[key] += after[key] - before[key]
             for name, timing in totals.items():
                 out[name]["w4"] = {"pairs_per_s": timing.pairs / timing.wall, "pairs": timing.pairs,
                                    "seconds": timing.wall}
+            # Where the service's W4 time went: model busy share of the wall, the model's own pace
+            # while busy, and padding (the ceiling sorts the whole workload at once).
+            out["service"]["w4_profile"] = {
+                "model_busy_share": model["model_s"] / totals["service"].wall,
+                "pairs_per_model_second": model["pairs"] / model["model_s"] if model["model_s"] else 0.0,
+                "real_over_padded_tokens": model["real_tokens"] / model["padded_tokens"] if model["padded_tokens"] else 0.0,
+            }
     finally:
         service.close()
         if naive is not None:
@@ -364,6 +393,13 @@ def table(report: dict) -> str:
             f"({100 * seed['real_over_padded_tokens']:.0f} % of its computed tokens are real); the ceiling, "
             f"length-sorted under a token budget, does {ceil:.1f}: x{ceil / seed['pairs_per_s']:.2f} is all "
             "that scoring order can gain on this device.")
+    prof = r.get("service", {}).get("w4_profile")
+    ceil4 = r.get("ceiling", {}).get("w4", {}).get("pairs_per_s")
+    if prof and ceil4:
+        lines.append(
+            f"W4 profile: the worker's model ran {100 * prof['model_busy_share']:.0f} % of the job's wall time, "
+            f"at {prof['pairs_per_model_second']:.1f} pairs per model-second ({prof['pairs_per_model_second'] / ceil4:.2f} "
+            f"x the ceiling's {ceil4:.1f}); {100 * prof['real_over_padded_tokens']:.0f} % of its computed tokens were real.")
     return "\n".join(lines)
 
 

@@ -36,7 +36,7 @@ ATTENTION_KNEE = 512
 def padded_cost(rows: int, width: int) -> float:
     """What a batch costs against MAX_BATCH_TOKENS: its padded tokens (rows x width), scaled by
     width / 512 beyond 512 tokens because attention grows with the square of the length (v2-m3 at
-    8192 tokens: one pair costs as much as 16 pairs of 512)."""
+    8192 tokens: one pair counts 131 072, as much as 256 pairs of 512)."""
     return rows * width * max(1.0, width / ATTENTION_KNEE)
 
 

@@ -153,8 +153,8 @@ def main(argv: list[str] | None = None) -> int:
 
                     row["max_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
                 rows.append(row)
-                print(f"{arch:6} {dtype:8} L={length:5} {row['pairs_per_s']:9.0f} pairs/s "
-                      f"{row['tokens_per_s'] / 1e6:7.2f} Mtok/s {row['tflops']:6.1f} TFLOP/s "
+                print(f"{arch:6} {dtype:8} L={length:5} {row['pairs_per_s']:9.4g} pairs/s "
+                      f"({1 / row['pairs_per_s']:.3g} s a pair) {row['tokens_per_s'] / 1e6:7.4g} Mtok/s {row['tflops']:6.1f} TFLOP/s "
                       f"MFU {100 * row['mfu']:5.1f} %"
                       + (f"  batcher {row['batcher_pairs_per_s']:.0f} pairs/s" if "batcher_pairs_per_s" in row else ""),
                       flush=True)

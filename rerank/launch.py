@@ -240,6 +240,8 @@ def up(settings: Settings, *, api: bool = True, models: list[str] | None = None)
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, _on_signal)
+    # Also when started in the background by a script, where the shell leaves SIGINT ignored.
+    signal.signal(signal.SIGINT, _on_signal)
     try:
         stack.start()
         while True:

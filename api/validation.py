@@ -31,9 +31,15 @@ def parse_body(model: type[M]) -> M:
             raise ApiError(400, f"request body is not valid JSON: {detail}".rstrip(": ")) from None
         if any(e["type"] == "model_type" and not e["loc"] for e in errors):
             raise ApiError(422, "request body must be a JSON object") from None
-        fields = [{"field": _where(e["loc"]), "message": e["msg"]} for e in errors]
-        summary = "; ".join(f"{f['field']}: {f['message']}" for f in fields[:5])
-        raise ApiError(422, f"invalid request: {summary}", fields=fields) from None
+        raise invalid(exc, "invalid request") from None
+
+
+def invalid(exc: ValidationError, what: str) -> ApiError:
+    """The 422 for a pydantic error: every bad field named, the first five in the message."""
+    fields = [{"field": _where(e["loc"]), "message": e["msg"]}
+              for e in exc.errors(include_input=False, include_url=False)]
+    summary = "; ".join(f"{f['field']}: {f['message']}" for f in fields[:5])
+    return ApiError(422, f"{what}: {summary}", fields=fields)
 
 
 def resolve_model(settings: Settings, name: str | None) -> ModelSpec:

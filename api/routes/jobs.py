@@ -8,9 +8,8 @@ from flask import Blueprint, Response, current_app, request, stream_with_context
 from pydantic import ValidationError
 
 from api.auth import presented_token
-from api.errors import ApiError
 from api.jobs import JobService
-from api.validation import parse_body, resolve_model
+from api.validation import invalid, parse_body, resolve_model
 from shared.jobs import owner_of
 from api.openapi import documented
 from shared.schemas import JobCreated, JobItem, JobOptions, JobRequest, JobResultLine, JobStatus
@@ -93,10 +92,7 @@ def query_options() -> JobOptions:
     try:
         return JobOptions.model_validate(raw)
     except ValidationError as exc:
-        fields = [{"field": ".".join(map(str, e["loc"])), "message": e["msg"]}
-                  for e in exc.errors(include_input=False, include_url=False)]
-        raise ApiError(422, f"invalid query parameters: {fields[0]['field']}: {fields[0]['message']}",
-                       fields=fields) from None
+        raise invalid(exc, "invalid query parameters") from None
 
 
 @bp.get("/v1/rerank/jobs/<job_id>")

@@ -130,9 +130,11 @@ class HealthResponse(BaseModel):
 
 class ReadyResponse(BaseModel):
     status: str = Field(description="ready or unavailable")
-    redis: str
+    redis: str = Field(
+        description="ok, unreachable, cannot_write (disk full), out_of_memory, read_only or refused")
     models: dict[str, dict[str, int]] = Field(description="Live workers per served model.")
     missing: list[str]
+    reason: str | None = Field(default=None, description="What is wrong with Redis, when it is not ok.")
 
 
 class ModelCard(BaseModel):

@@ -16,6 +16,7 @@ from celery import signals
 from shared import names
 from worker import broker_fixes
 from worker.bulk_gate import BulkGate
+from worker.reaper import Reaper
 from shared.celery_config import make_celery
 from shared.logs import configure_logging
 from shared.settings import ModelSpec, Settings, get_settings
@@ -84,7 +85,9 @@ def main(argv: list[str] | None = None) -> None:
     queues = [names.realtime_queue(spec.name), names.bulk_queue(spec.name)]
     gate = BulkGate(names.bulk_queue(spec.name))
     gate.connect()
-    rt.on_heartbeat = gate.sync
+    reaper = Reaper(app, rt.redis, rt.worker_id, settings.redeliver_after)  # dead workers' messages
+    reaper.connect()
+    rt.on_heartbeat = lambda: (gate.sync(), reaper.beat())
     app.worker_main(
         [
             "worker",

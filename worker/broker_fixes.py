@@ -1,20 +1,43 @@
-"""A work-around for kombu's Redis transport (seen with kombu 5.7; celery/kombu#970 and #582 are
-the same family): when Redis goes away while the worker holds unacknowledged messages, kombu later
-touches the dead channel of those messages (to hand them back when the channel closes, or to
-acknowledge a task that finished after the reconnect), finds its connection gone, raises
-AttributeError, and Celery treats that as unrecoverable: the worker exits instead of carrying on.
+"""Work-arounds for kombu's Redis transport (seen with kombu 5.7), both in its QoS class.
 
-Skipping those calls is safe: the messages stay in Redis's `unacked` hash and are handed out again
-after VISIBILITY_TIMEOUT by any worker. A synchronous call handed out again has expired and is
-dropped; a bulk piece is done again and counted once. Nothing is lost; the worker keeps running.
+1. Redis went away (celery/kombu#970 and #582 are the same family): when Redis goes away while
+   the worker holds unacknowledged messages, kombu later touches the dead channel of those
+   messages (to hand them back when the channel closes, or to acknowledge a task that finished
+   after the reconnect), finds its connection gone, raises AttributeError, and Celery treats that
+   as unrecoverable: the worker exits instead of carrying on.
+
+2. Redis refuses writes (a full disk: `MISCONF`; `maxmemory`: `OOM`): kombu pops a message with
+   BRPOP, then records it in its `unacked` hash; when Redis refuses that write, Celery stops the
+   worker ("Unrecoverable error: ResponseError") and the popped message is in neither place: a
+   bulk piece lost, its job never finishing. Measured with the launcher's Redis on a full 20 MB
+   disk: the worker exited, and when space returned the calls got 503 until it had restarted.
+
+Skipping a failed ack, reject or hand-back is safe: the message stays in Redis's `unacked` hash
+and is handed out again (shared/redelivery.py when this worker is gone, or VISIBILITY_TIMEOUT),
+and a piece done twice is counted once. Recording a delivered message is retried until Redis
+takes writes again (it recovers by itself when its disk has room): the consumer waits, holding the
+message, instead of dying; nothing else could be written meanwhile anyway.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import time
+
+import redis
+
+from shared import redis_state
 
 log = logging.getLogger(__name__)
+
+#: Redis states in which it answers but refuses writes, and recovers by itself.
+WRITES_REFUSED = (redis_state.CANNOT_WRITE, redis_state.OUT_OF_MEMORY, redis_state.READ_ONLY)
+RETRY_SECONDS = 0.5
+
+
+def _writes_refused(exc: BaseException) -> bool:
+    return isinstance(exc, redis.ResponseError) and redis_state.classify(exc).state in WRITES_REFUSED
 
 
 def apply() -> None:
@@ -23,20 +46,54 @@ def apply() -> None:
     qos = kombu_redis.QoS
     if getattr(qos, "_rerank_patched", False):
         return
-    tolerated = (AttributeError, *kombu_redis.Transport.connection_errors)
+    gone = (AttributeError, *kombu_redis.Transport.connection_errors)
 
     def tolerant(method):
         @functools.wraps(method)
         def wrapper(self, *args, **kwargs):
             try:
                 return method(self, *args, **kwargs)
-            except tolerated as exc:
+            except gone as exc:
                 log.warning("%s on a channel whose Redis connection is gone (%s): Redis hands the "
-                            "message(s) out again after VISIBILITY_TIMEOUT", method.__name__, type(exc).__name__)
-                return None
+                            "message(s) out again", method.__name__, type(exc).__name__)
+            except redis.ResponseError as exc:
+                if not _writes_refused(exc):
+                    raise
+                log.warning("%s refused by Redis (%s): the message stays unacknowledged and is handed "
+                            "out again", method.__name__, redis_state.classify(exc).reason)
+            return None
+
+        return wrapper
+
+    def recorded_when_writable(append):
+        @functools.wraps(append)
+        def wrapper(self, message, delivery_tag):
+            from celery.worker import state as worker_state
+
+            waited = 0.0
+            while True:
+                try:
+                    result = append(self, message, delivery_tag)
+                    if waited:
+                        log.warning("Redis takes writes again after %.1fs; message %s recorded",
+                                    waited, delivery_tag)
+                    return result
+                except redis.ResponseError as exc:
+                    if not _writes_refused(exc):
+                        raise
+                    if worker_state.should_stop is not None or worker_state.should_terminate is not None:
+                        log.error("stopping while Redis refuses writes: message %s (task %s) is dropped",
+                                  delivery_tag, message.headers.get("id"))
+                        raise
+                    if not waited:
+                        log.warning("%s: holding message %s until Redis takes writes again",
+                                    redis_state.classify(exc).reason, delivery_tag)
+                time.sleep(RETRY_SECONDS)
+                waited += RETRY_SECONDS
 
         return wrapper
 
     for name in ("restore_unacked", "ack", "reject"):
         setattr(qos, name, tolerant(getattr(qos, name)))
+    qos.append = recorded_when_writable(qos.append)
     qos._rerank_patched = True

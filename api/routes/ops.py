@@ -6,6 +6,7 @@ from flask import Blueprint, Response, current_app, jsonify
 
 from api import metrics, openapi
 from api.openapi import documented
+from shared import redis_state
 from shared.schemas import HealthResponse, ModelList, ReadyResponse
 from shared.settings import Settings
 
@@ -20,20 +21,23 @@ def health():
 
 
 @bp.get("/ready")
-@documented(summary="Readiness: Redis answers and every served model has a live worker",
+@documented(summary="Readiness: Redis takes writes and every served model has a live worker",
             responses={200: ReadyResponse, 503: ReadyResponse}, tag="operations")
 def ready():
     settings: Settings = current_app.config["SETTINGS"]
     dispatcher = current_app.extensions["dispatcher"]
+    state = redis_state.probe(dispatcher.redis)  # a write: PING passes while writes are refused
     try:
-        dispatcher.redis.ping()
         counts = {s.name: len(dispatcher.workers.alive(s.name)) for s in settings.served_models}
     except Exception:  # noqa: BLE001 - any Redis failure means "not ready"
-        body = {"status": "unavailable", "redis": "unreachable", "models": {}, "missing": ["redis"]}
+        counts = {}
+    models = {name: {"workers": n} for name, n in counts.items()}
+    if not state.ok:
+        body = {"status": "unavailable", "redis": state.state, "models": models, "missing": ["redis"],
+                "reason": state.reason}
         return jsonify(body), 503
     missing = [name for name, n in counts.items() if n == 0]
-    body = {"status": "unavailable" if missing else "ready", "redis": "ok",
-            "models": {name: {"workers": n} for name, n in counts.items()},
+    body = {"status": "unavailable" if missing else "ready", "redis": "ok", "models": models,
             "missing": [f"worker for {name}" for name in missing]}
     return jsonify(body), 503 if missing else 200
 

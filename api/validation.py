@@ -35,7 +35,10 @@ def replace_lone_surrogates(body: bytes) -> bytes:
 
 
 def parse_body(model: type[M]) -> M:
-    body = request.get_data(cache=False)  # over MAX_CONTENT_LENGTH: 413 before we read it
+    try:
+        body = request.get_data(cache=False)  # over MAX_CONTENT_LENGTH: 413 before we read it
+    except OSError:  # the client stopped sending for CLIENT_TIMEOUT seconds (api/http_worker.py)
+        raise ApiError(408, "the request body stopped arriving (CLIENT_TIMEOUT)", error_type="timeout") from None
     try:
         try:
             return model.model_validate_json(body)

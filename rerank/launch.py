@@ -63,7 +63,7 @@ def redis_server_binary() -> str:
 
 
 #: See redis_argv: the append-only file peaks near twice this plus what the calls of the moment write.
-AOF_REWRITE_MIN_SIZE = "16mb"
+AOF_REWRITE_MIN_SIZE = "8mb"
 
 
 def redis_argv(data: Path, port: int, *, logfile: bool = True) -> list[str]:

@@ -41,33 +41,31 @@ class RedisState:
 HEALTHY = RedisState(OK, "Redis answers and accepts writes")
 
 
-def _detail(text: str, code: str) -> str:
-    """The part of a Redis error after its code: `No space left on device`, `used memory > …`."""
-    tail = text[text.find(code) + len(code):].strip(" .")
-    return tail[:200]
-
-
 def classify(exc: BaseException) -> RedisState:
     """The state a Redis (or kombu) error shows; anything unrecognised counts as unreachable."""
-    text = " ".join(str(e) for e in _chain(exc))
-    match = _CODE_IN_TEXT.search(text)
-    if match:
-        code = match.group(1)
-        state, detail = _CODES[code], _detail(text, code)
-        if state == CANNOT_WRITE:
-            reason = "Redis cannot write to its disk"
-            # "Errors writing to the AOF file: No space left on device" -> the cause only
-            cause = detail.rsplit(":", 1)[-1].strip() if ":" in detail else "see the Redis log"
-            return RedisState(state, f"{reason} ({cause}); writes are refused until it can")
-        if state == OUT_OF_MEMORY:
-            return RedisState(state, "Redis is out of memory (maxmemory reached); writes are refused")
-        if state == READ_ONLY:
-            return RedisState(state, "Redis is a read-only replica; REDIS_URL must name the primary")
-        if state == REFUSED:
-            return RedisState(state, "Redis refused our credentials (check the password in REDIS_URL)")
-    if any(isinstance(e, redis.AuthenticationError) for e in _chain(exc)):
-        return RedisState(REFUSED, "Redis refused our credentials (check the password in REDIS_URL)")
-    return RedisState(UNREACHABLE, "the queue (Redis) is unreachable")
+    errors = list(_chain(exc))
+    text = " ".join(str(e) for e in errors)
+    # redis-py strips the code of the errors it has a class for (OOM, READONLY, NOAUTH …) and keeps
+    # it in `status_code`; others (MISCONF, any error inside a Lua script) keep it in the text.
+    code = next((e.status_code for e in errors if getattr(e, "status_code", None) in _CODES), None)
+    match = _CODE_IN_TEXT.search(text) if code is None else None
+    code = code or (match.group(1) if match else None)
+    if code is None:
+        if any(isinstance(e, redis.AuthenticationError) for e in errors):
+            code = "NOAUTH"
+        else:
+            return RedisState(UNREACHABLE, "the queue (Redis) is unreachable")
+    state = _CODES[code]
+    if state == CANNOT_WRITE:
+        detail = text[text.find(code) + len(code):].strip(" .") if code in text else ""
+        # "Errors writing to the AOF file: No space left on device" -> the cause only
+        cause = detail.rsplit(":", 1)[-1].strip()[:200] if ":" in detail else "see the Redis log"
+        return RedisState(state, f"Redis cannot write to its disk ({cause}); writes are refused until it can")
+    if state == OUT_OF_MEMORY:
+        return RedisState(state, "Redis is out of memory (maxmemory reached); writes are refused")
+    if state == READ_ONLY:
+        return RedisState(state, "Redis is a read-only replica; REDIS_URL must name the primary")
+    return RedisState(REFUSED, "Redis refused our credentials (check the password in REDIS_URL)")
 
 
 def probe(client: redis.Redis) -> RedisState:

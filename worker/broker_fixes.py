@@ -1,4 +1,4 @@
-"""Work-arounds for kombu's Redis transport (seen with kombu 5.7), both in its QoS class.
+"""Work-arounds for kombu's Redis transport (seen with kombu 5.7), in its Channel and QoS classes.
 
 1. Redis went away (celery/kombu#970 and #582 are the same family): when Redis goes away while
    the worker holds unacknowledged messages, kombu later touches the dead channel of those
@@ -6,13 +6,16 @@
    after the reconnect), finds its connection gone, raises AttributeError, and Celery treats that
    as unrecoverable: the worker exits instead of carrying on.
 
-2. Redis refuses writes (a full disk: `MISCONF`; `maxmemory`: `OOM`): kombu pops a message with
-   BRPOP, then records it in its `unacked` hash; when Redis refuses that write, Celery stops the
-   worker ("Unrecoverable error: ResponseError") and the popped message is in neither place: a
-   bulk piece lost, its job never finishing. Measured with the launcher's Redis on a full 20 MB
-   disk: the worker exited, and when space returned the calls got 503 until it had restarted.
+2. Redis refuses writes (a full disk: `MISCONF`; `maxmemory`: `OOM`). BRPOP is a write, so
+   with a full disk Redis answers the consumer's BRPOP with MISCONF; and when a BRPOP did pop a
+   message, kombu records it in its `unacked` hash, another write. Either error makes Celery stop
+   the worker ("Unrecoverable error: ResponseError"), in the second case with the popped message
+   in neither place: a bulk piece lost, its job never finishing. Measured with the launcher's
+   Redis on a full 20 MB disk: the worker exited, and once space returned the calls got 503
+   until the launcher had restarted it.
 
-Skipping a failed ack, reject or hand-back is safe: the message stays in Redis's `unacked` hash
+A refused BRPOP is read as "no message" after a short pause (Redis takes writes again by itself
+when its disk has room). Skipping a failed ack, reject or hand-back is safe: the message stays in Redis's `unacked` hash
 and is handed out again (shared/redelivery.py when this worker is gone, or VISIBILITY_TIMEOUT),
 and a piece done twice is counted once. Recording a delivered message is retried until Redis
 takes writes again (it recovers by itself when its disk has room): the consumer waits, holding the
@@ -24,6 +27,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
+from queue import Empty
 
 import redis
 
@@ -43,6 +47,7 @@ def _writes_refused(exc: BaseException) -> bool:
 def apply() -> None:
     from kombu.transport import redis as kombu_redis
 
+    channel = kombu_redis.Channel
     qos = kombu_redis.QoS
     if getattr(qos, "_rerank_patched", False):
         return
@@ -93,7 +98,26 @@ def apply() -> None:
 
         return wrapper
 
+    def paused_while_refused(brpop_read):
+        last_warning = [0.0]
+
+        @functools.wraps(brpop_read)
+        def wrapper(self, **options):
+            try:
+                return brpop_read(self, **options)
+            except redis.ResponseError as exc:
+                if not _writes_refused(exc):
+                    raise
+                if time.monotonic() - last_warning[0] > 10:
+                    last_warning[0] = time.monotonic()
+                    log.warning("%s: not taking work until it can", redis_state.classify(exc).reason)
+                time.sleep(RETRY_SECONDS)
+                raise Empty() from None  # kombu's "no message": the next poll sends BRPOP again
+
+        return wrapper
+
     for name in ("restore_unacked", "ack", "reject"):
         setattr(qos, name, tolerant(getattr(qos, name)))
     qos.append = recorded_when_writable(qos.append)
+    channel._brpop_read = paused_while_refused(channel._brpop_read)
     qos._rerank_patched = True

@@ -391,3 +391,50 @@ def test_api_removes_its_metrics_folder_and_orphans_of_dead_masters(stack_env, w
         api.stop()
         shutil.rmtree(orphan, ignore_errors=True)
     assert not own[0].exists()
+
+
+# --- the pure parts ---------------------------------------------------------------------------------
+
+
+def test_redis_errors_are_named_by_state():
+    from kombu.exceptions import OperationalError
+
+    from shared.redis_state import classify
+
+    script = "Error running script (call to f_1): @user_script:15: @user_script: 15: -{} {}"
+    cases = {
+        redis.ResponseError("MISCONF Errors writing to the AOF file: No space left on device"): "cannot_write",
+        redis.ResponseError(script.format("MISCONF", "Errors writing to the AOF file: No space left")): "cannot_write",
+        redis.exceptions.OutOfMemoryError("command not allowed when used memory > 'maxmemory'.",
+                                          status_code="OOM"): "out_of_memory",
+        redis.ResponseError(script.format("OOM", "command not allowed when used memory")): "out_of_memory",
+        redis.exceptions.ReadOnlyError("You can't write against a read only replica.",
+                                       status_code="READONLY"): "read_only",
+        redis.AuthenticationError("invalid username-password pair"): "refused",
+        redis.ConnectionError("Error 111 connecting to 127.0.0.1:1. Connection refused."): "unreachable",
+        OperationalError("Error 111 connecting to 127.0.0.1:1. Connection refused."): "unreachable",
+        redis.ResponseError("WRONGTYPE Operation against a key holding the wrong kind of value"): "unreachable",
+    }
+    assert {str(e): classify(e).state for e in cases} == {str(e): state for e, state in cases.items()}
+    assert "No space left on device" in classify(next(iter(cases))).reason
+
+
+def test_lone_surrogate_escapes_are_replaced_and_nothing_else():
+    from api.validation import replace_lone_surrogates as fix
+
+    assert fix(rb'["a\ud800b", "\udc00", "\ud83d\ude00", "\\ud800", "\\\ud800"]') == \
+        rb'["a\ufffdb", "\ufffd", "\ud83d\ude00", "\\ud800", "\\\ufffd"]'
+    assert json.loads(fix(rb'"\ud83d\ud83d\ude00"')) == "\ufffd\U0001F600"
+
+
+def test_restart_back_off_doubles_up_to_its_cap_and_resets_after_a_stable_run():
+    from rerank.launch import STABLE_SECONDS, Child
+
+    child = Child("w", [], {}, restart=True)
+    delays = []
+    for n in range(7):
+        child.started_at = 100.0 + n  # each run dies a second after it started
+        delays.append(child.schedule_restart(101.0 + n, max_delay=10))
+    assert delays == [0, 1, 2, 4, 8, 10, 10]
+    child.started_at = 200.0
+    assert child.schedule_restart(200.0 + STABLE_SECONDS, max_delay=10) == 0

@@ -300,7 +300,7 @@ def test_crash_looping_worker_is_retried_with_backoff_and_never_stops_the_rest(m
         log.close()
     record("faults", "a worker whose model folder is empty (dies at start, again and again), and a worker "
            "SIGKILLed as the OOM killer would", f"{deaths} deaths of one worker, 1 kill of the other",
-           "restarted after 0, 1, 2, 2 … s (WORKER_RESTART_MAX_DELAY=2 here, 60 by default); the API, Redis and "
+           f"restarted after {', '.join(delays)} … s (WORKER_RESTART_MAX_DELAY=2 here, 60 by default); the API, Redis and "
            f"the other model kept serving, 503 for the broken model; served {served_after:.1f} s after its "
            "folder was repaired")
 

@@ -21,7 +21,8 @@ PROTECTED_PATHS = ("/rerank", "/score")
 def needs_token(path: str, *, metrics_auth: bool) -> bool:
     """Whether a request to `path` (or a route with that rule) must carry the token. The app's
     check and the OpenAPI document's `security` both ask this, so they cannot disagree."""
-    return path.startswith(PROTECTED_PREFIXES) or path in PROTECTED_PATHS or (path == "/metrics" and metrics_auth)
+    return (path.startswith(PROTECTED_PREFIXES) or path in PROTECTED_PATHS
+            or (path == "/metrics" and metrics_auth))
 
 
 def token_matches(header: str | None, tokens: list[str]) -> bool:

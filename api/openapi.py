@@ -9,7 +9,7 @@ views marked `hidden` (the Swagger UI page's static files) are left out: they ar
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,14 +63,19 @@ def documented(**kwargs: Any) -> Callable[[Callable], Callable]:
     return mark
 
 
+def _each(*entries: Any) -> Iterator[Any]:
+    """The entries, with a tuple (one of several models) spread out."""
+    for entry in entries:
+        yield from entry if isinstance(entry, tuple) else (entry,)
+
+
 def _models(app: Flask) -> list[type[BaseModel]]:
     found: list[type[BaseModel]] = [ErrorResponse]
     for view in app.view_functions.values():
         doc: Doc | None = getattr(view, "openapi", None)
         if doc is None:
             continue
-        listed = [doc.body, doc.query, *doc.responses.values(), *doc.schemas]
-        for model in (m for entry in listed for m in (entry if isinstance(entry, tuple) else (entry,))):
+        for model in _each(doc.body, doc.query, *doc.responses.values(), *doc.schemas):
             if isinstance(model, type) and issubclass(model, BaseModel) and model not in found:
                 found.append(model)
     return found
@@ -97,7 +102,8 @@ def build(app: Flask, *, auth: bool, public_metrics: bool = True) -> dict[str, A
             if op_id in op_ids:  # one view behind several paths (/score and /v1/score)
                 op_id = re.sub(r"\W+", "_", f"{rule.endpoint}{path}_{method.lower()}")
             op_ids.add(op_id)
-            op: dict[str, Any] = {"summary": doc.summary, "operationId": op_id, "tags": [doc.tag], "responses": {}}
+            op: dict[str, Any] = {"summary": doc.summary, "operationId": op_id, "tags": [doc.tag],
+                                  "responses": {}}
             params = [{"name": arg, "in": "path", "required": True, "schema": {"type": "string"}}
                       for arg in rule.arguments]
             if doc.query is not None:
@@ -113,7 +119,8 @@ def build(app: Flask, *, auth: bool, public_metrics: bool = True) -> dict[str, A
             if doc.body is not None or doc.extra_bodies:
                 content = {}
                 if isinstance(doc.body, tuple):
-                    content["application/json"] = {"schema": {"oneOf": [ref(b, "validation") for b in doc.body]}}
+                    content["application/json"] = {"schema": {
+                        "oneOf": [ref(b, "validation") for b in doc.body]}}
                 elif doc.body is not None:
                     content["application/json"] = {"schema": ref(doc.body, "validation")}
                 content.update(doc.extra_bodies)
@@ -144,9 +151,9 @@ def build(app: Flask, *, auth: bool, public_metrics: bool = True) -> dict[str, A
         "info": {
             "title": "rerank-service",
             "version": "1.0",
-            "description": "Rerank with BAAI bge-reranker models: FastGPT's /v1/rerank, the Cohere v1/v2, Jina, "
-                           "vLLM and Infinity formats, TEI's /rerank, vLLM's /score, bulk jobs. Every error is "
-                           "`{error, error_type, detail, fields?}`.",
+            "description": "Rerank with BAAI bge-reranker models: FastGPT's /v1/rerank, the Cohere v1/v2, "
+                           "Jina, vLLM and Infinity formats, TEI's /rerank, vLLM's /score, bulk jobs. Every "
+                           "error is `{error, error_type, detail, fields?}`.",
         },
         "paths": paths,
         "components": {

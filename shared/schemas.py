@@ -146,8 +146,8 @@ class ScoreRequest(ScoreScale):
     model: StrictStr | None = None
     text_1: StrictStr | list[StrictStr] | None = Field(default=None, description="Query, or queries.")
     text_2: StrictStr | list[StrictStr] | None = Field(default=None, description="Document, or documents.")
-    queries: StrictStr | list[StrictStr] | None = Field(default=None, description="vLLM's newer name of text_1.")
-    documents: StrictStr | list[StrictStr] | None = Field(default=None, description="vLLM's newer name of text_2.")
+    queries: StrictStr | list[StrictStr] | None = Field(default=None, description="vLLM's newer text_1.")
+    documents: StrictStr | list[StrictStr] | None = Field(default=None, description="vLLM's newer text_2.")
 
     @model_validator(mode="after")
     def _paired(self) -> ScoreRequest:
@@ -218,7 +218,8 @@ class RerankResponse(BaseModel):
 
     @classmethod
     def of(cls, request_id: str, model: str, results: list[RerankResult], tokens: int) -> RerankResponse:
-        return cls(id=request_id, model=model, results=results, meta=Meta(tokens=TokenCount(input_tokens=tokens)),
+        return cls(id=request_id, model=model, results=results,
+                   meta=Meta(tokens=TokenCount(input_tokens=tokens)),
                    usage=Usage(total_tokens=tokens, prompt_tokens=tokens))
 
 
@@ -247,8 +248,8 @@ class RerankV2Response(BaseModel):
 
     @classmethod
     def of(cls, request_id: str, model: str, results: list[RerankResult], tokens: int) -> RerankV2Response:
-        return cls(id=request_id, results=results, meta=MetaV2(tokens=TokensV2(input_tokens=tokens)), model=model,
-                   usage=Usage(total_tokens=tokens, prompt_tokens=tokens))
+        return cls(id=request_id, results=results, meta=MetaV2(tokens=TokensV2(input_tokens=tokens)),
+                   model=model, usage=Usage(total_tokens=tokens, prompt_tokens=tokens))
 
 
 class TeiRank(BaseModel):

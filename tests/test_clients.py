@@ -45,7 +45,8 @@ def reference(api) -> dict[int, float]:
     return {x["index"]: x["relevance_score"] for x in r.json()["results"]}
 
 
-def assert_same_ranking(pairs: list[tuple[int, float]], reference: dict[int, float], n: int | None = None) -> None:
+def assert_same_ranking(pairs: list[tuple[int, float]], reference: dict[int, float],
+                        n: int | None = None) -> None:
     """(index, score) pairs in answer order: the reference's best `n`, the same scores, high to low."""
     best = sorted(reference, key=lambda i: (-reference[i], i))[: n or len(reference)]
     assert [i for i, _ in pairs] == best
@@ -137,7 +138,7 @@ def test_dify_tei_replay(api, reference):
     info = requests.get(f"{api.url}/info", headers=headers, timeout=10)
     assert info.status_code == 200
     info = info.json()
-    assert list(info["model_type"].keys())[0] == "reranker"
+    assert list(info["model_type"].keys())[0] == "reranker"  # noqa: RUF015 - as Dify's source reads it
     assert info.get("max_input_length", 512) == 512 and info.get("max_client_batch_size", 1) == 64
     response = requests.post(f"{api.url}/rerank", json={"query": QUERY, "texts": DOCS, "return_text": True},
                              headers=headers, timeout=60)
@@ -230,8 +231,9 @@ def litellm_cohere_style_body(query: str, documents: list, top_n: int | None) ->
     rerank.py), as both providers' transform_rerank_request build it; return_documents defaults to
     True in their map_cohere_rerank_params."""
     body = {"model": "bge-reranker-base", "query": query, "top_n": top_n, "documents": documents,
-            "rank_fields": None, "return_documents": True, "max_chunks_per_doc": None, "max_tokens_per_doc": None,
-            "instruction": None, "truncate_prompt_tokens": None, "truncation_side": None, "max_tokens_per_query": None}
+            "rank_fields": None, "return_documents": True, "max_chunks_per_doc": None,
+            "max_tokens_per_doc": None, "instruction": None, "truncate_prompt_tokens": None,
+            "truncation_side": None, "max_tokens_per_query": None}
     return {k: v for k, v in body.items() if v is not None}
 
 
@@ -305,9 +307,11 @@ def test_vllm_score_replay(api, reference):
     r = api.post("/score", {"model": "BAAI/bge-reranker-base", "text_1": QUERY, "text_2": DOCS})
     assert r.status_code == 200, r.text
     data = r.json()
-    assert data["object"] == "list" and data["model"] == "tiny" and data["id"] and isinstance(data["created"], int)
+    assert data["object"] == "list" and data["model"] == "tiny" and data["id"]
+    assert isinstance(data["created"], int)
     assert [d["index"] for d in data["data"]] == list(range(len(DOCS)))  # input order, not sorted
-    assert all(d["object"] == "score" and abs(d["score"] - reference[d["index"]]) < 1e-6 for d in data["data"])
+    assert all(d["object"] == "score" for d in data["data"])
+    assert all(abs(d["score"] - reference[d["index"]]) < 1e-6 for d in data["data"])
     assert data["usage"]["prompt_tokens"] == data["usage"]["total_tokens"] > 0
     assert data["usage"]["completion_tokens"] == 0
 
@@ -415,7 +419,7 @@ def test_every_error_body_has_detail(api, multi_api):
     assert ready.status_code == 503 and "spare" in ready.json()["detail"]
 
 
-def test_model_lookup_by_id(api):
+def test_model_lookup_by_id(api, redis_url):
     r = requests.get(api.url + "/v1/models/tiny", headers=AUTH, timeout=5)
     assert r.status_code == 200, r.text
     card = r.json()
@@ -425,6 +429,14 @@ def test_model_lookup_by_id(api):
         k: v for k, v in listed.items() if k != "pairs_per_second"}
     r = requests.get(api.url + "/v1/models/bge-reranker-large", headers=AUTH, timeout=5)
     assert r.status_code == 404 and "tiny" in r.json()["detail"]
+    # By Hugging Face id, slash included.
+    from api.app import create_app
+    from shared.settings import Settings
+
+    client = create_app(Settings(models="bge-reranker-base", redis_url=redis_url)).test_client()
+    by_hf_id = client.get("/v1/models/BAAI/bge-reranker-base")
+    assert by_hf_id.status_code == 200 and by_hf_id.get_json()["id"] == "bge-reranker-base"
+    assert by_hf_id.get_json()["source"] == "BAAI/bge-reranker-base"
 
 
 def test_metrics_content_type_is_prometheus_clients_once(api):
@@ -465,14 +477,17 @@ def test_docs_page_works_offline(api):
 
 def test_openapi_describes_every_answer_and_the_same_auth_as_the_app(api):
     doc = requests.get(api.url + "/openapi.json", timeout=5).json()
-    ref = lambda path, method="post", status="200": doc["paths"][path][method]["responses"][status]["content"][  # noqa: E731
-        "application/json"]["schema"]
+
+    def ref(path: str, method: str = "post", status: str = "200") -> dict:
+        return doc["paths"][path][method]["responses"][status]["content"]["application/json"]["schema"]
+
     assert ref("/v2/rerank")["$ref"].rsplit("/", 1)[-1].startswith("RerankV2Response")
     assert ref("/v1/rerank")["$ref"].rsplit("/", 1)[-1].startswith("RerankResponse")
     assert ref("/score")["$ref"].rsplit("/", 1)[-1].startswith("ScoreResponse")
     assert ref("/v1/score") == ref("/score")
     assert len(ref("/rerank")["oneOf"]) == 2
-    assert len(doc["paths"]["/rerank"]["post"]["requestBody"]["content"]["application/json"]["schema"]["oneOf"]) == 2
+    body = doc["paths"]["/rerank"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert len(body["oneOf"]) == 2
     assert ref("/v1/models/{model_id}", "get")["$ref"].rsplit("/", 1)[-1].startswith("ModelCard")
     error = ref("/v2/rerank", status="422")["$ref"].rsplit("/", 1)[-1]
     assert set(doc["components"]["schemas"][error]["required"]) == {"error", "error_type", "detail"}

@@ -90,7 +90,6 @@ def test_openapi_documents_every_route_from_the_request_models(api):
     doc = requests.get(api.url + "/openapi.json", timeout=5).json()
     validate(doc)
     from api.app import create_app
-
     from api.openapi import openapi_path
 
     app = create_app(Settings(models="tiny=/nowhere", redis_url="redis://127.0.0.1:1/0"))

@@ -50,7 +50,7 @@ def rerank_v2():
     return rerank_answer(parse_body(RerankRequest), RerankV2Response)
 
 
-def rerank_answer(req: RerankRequest, shape: type[RerankResponse] | type[RerankV2Response]) -> Response:
+def rerank_answer(req: RerankRequest, shape: type[RerankResponse | RerankV2Response]) -> Response:
     """Score `req` in one call to the workers and answer in `shape` (sorted high to low, cut to top_n)."""
     settings: Settings = current_app.config["SETTINGS"]
     _check_size(settings, len(req.documents))

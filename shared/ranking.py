@@ -41,6 +41,7 @@ def ranked_results(
     top_n: int | None = None,
     return_documents: bool = False,
     chunks: Sequence[int] | None = None,
+    truncated: Sequence[bool] | None = None,
 ) -> list[RerankResult]:
     """The `results` list of a rerank answer (Cohere v1 and v2, Jina; realtime and bulk alike)."""
     return [
@@ -49,6 +50,7 @@ def ranked_results(
             relevance_score=score,
             document=RerankResultDocument(text=texts[i]) if return_documents else None,
             chunks=chunks[i] if chunks is not None else None,
+            truncated=bool(truncated[i]) if truncated is not None else None,
         )
         for i, score in rank(logits, raw_scores=raw_scores, top_n=top_n)
     ]
@@ -62,7 +64,9 @@ def shape_results(
     top_n: int | None = None,
     return_documents: bool = False,
     chunks: Sequence[int] | None = None,
+    truncated: Sequence[bool] | None = None,
 ) -> list[dict[str, object]]:
     """`ranked_results` as plain JSON-ready dicts (bulk job result lines)."""
     return [r.model_dump(mode="json") for r in ranked_results(
-        logits, texts, raw_scores=raw_scores, top_n=top_n, return_documents=return_documents, chunks=chunks)]
+        logits, texts, raw_scores=raw_scores, top_n=top_n, return_documents=return_documents, chunks=chunks,
+        truncated=truncated)]

@@ -40,7 +40,9 @@ class Chunking(_Lenient):
     """Score a long document by its best window instead of its first max_length tokens."""
 
     overlap: Annotated[int, Field(default=32, ge=0, le=4096, description="Tokens shared by neighbour windows.")]
-    max_chunks: Annotated[int, Field(default=64, ge=1, le=1024, description="Most windows per document.")]
+    max_chunks: Annotated[int | None, Field(
+        default=None, ge=1, le=4096,
+        description="Most windows per document; at most, and by default, the server's MAX_CHUNKS.")]
 
 
 class LongDocuments(_Lenient):
@@ -52,7 +54,7 @@ class LongDocuments(_Lenient):
     max_tokens_per_doc: Annotated[int | None, Field(
         default=None, ge=1, description="Cohere v2: cut each document to this many tokens first.")]
     max_chunks_per_doc: Annotated[int | None, Field(
-        default=None, ge=1, le=1024, description="Cohere: score up to this many windows, keep the best.")]
+        default=None, ge=1, le=4096, description="Cohere: score up to this many windows, keep the best.")]
     chunking: StrictBool | Chunking | None = Field(
         default=None, description="Best-window scoring: true, or {overlap, max_chunks}.")
     return_chunks: StrictBool = Field(default=False, description="Say how many windows each document used.")
@@ -67,7 +69,7 @@ class LongDocuments(_Lenient):
             direction=self.truncation_direction,
             max_doc_tokens=self.max_tokens_per_doc,
             chunk_overlap=chunk.overlap if chunk else None,
-            max_chunks=chunk.max_chunks if chunk else 64,
+            max_chunks=chunk.max_chunks if chunk else None,
             truncate=truncate,
         )
 
@@ -192,6 +194,9 @@ class RerankResult(BaseModel):
     relevance_score: float
     document: RerankResultDocument | None = omitted_if_none("The document's text (with return_documents).")
     chunks: int | None = omitted_if_none("Windows scored (with return_chunks).")
+    truncated: bool | None = omitted_if_none(
+        "With return_chunks: true when the document needed more windows than allowed (MAX_CHUNKS), so its "
+        "end was not scored.")
 
 
 class TokenCount(BaseModel):
@@ -431,7 +436,7 @@ class ScoreOptions(BaseModel):
     direction: Literal["right", "left"] = "right"
     max_doc_tokens: int | None = None
     chunk_overlap: int | None = None
-    max_chunks: int = 64
+    max_chunks: int | None = None  # None: the server's MAX_CHUNKS (which also caps any other value)
     truncate: bool = True
 
 

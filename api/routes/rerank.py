@@ -60,6 +60,7 @@ def rerank_answer(req: RerankRequest, shape: type[RerankResponse | RerankV2Respo
     results = ranked_results(
         scored.logits, texts, raw_scores=req.raw(), top_n=req.keep(), return_documents=req.return_documents,
         chunks=(scored.chunks or [1] * len(texts)) if req.return_chunks else None,
+        truncated=(scored.truncated or [False] * len(texts)) if req.return_chunks else None,
     )
     return answer(shape.of(g.request_id, model.name, results, scored.input_tokens))
 

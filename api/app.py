@@ -16,11 +16,11 @@ from flask import Flask, current_app, g, request
 from kombu.exceptions import OperationalError
 
 from api import metrics
-from api.auth import require_token
+from api.auth import needs_token, require_token
 from api.dispatch import Dispatcher, redis_error
 from api.errors import error_response, register_error_handlers
 from api.jobs import JobService
-from api.routes import jobs, ops, rerank, tei
+from api.routes import jobs, ops, rerank, score, tei
 from shared.cluster_metrics import ClusterCollector
 from shared.logs import request_id
 from shared.settings import Settings, get_settings
@@ -56,8 +56,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         g.request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
         request_id.set(g.request_id)
         conf: Settings = current_app.config["SETTINGS"]
-        if (request.path.startswith("/v1/") or request.path == "/rerank"
-                or (request.path == "/metrics" and conf.metrics_auth)):
+        if needs_token(request.path, metrics_auth=conf.metrics_auth):
             require_token(request.headers.get("Authorization"), conf.tokens)
 
     @app.after_request
@@ -71,6 +70,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(rerank.bp)
     app.register_blueprint(jobs.bp)
     app.register_blueprint(tei.bp)
+    app.register_blueprint(score.bp)
+    ops.register_docs(app)
 
     log.info("configuration: %s", json.dumps(settings.redacted(), default=str))
     if not settings.tokens:

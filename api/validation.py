@@ -6,10 +6,10 @@ Malformed JSON is a 400; JSON that does not fit the model is a 422 that names ea
 from __future__ import annotations
 
 import re
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from flask import request
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, RootModel, ValidationError
 
 from api.errors import ApiError
 from shared.settings import ModelSpec, Settings
@@ -38,7 +38,8 @@ def parse_body(model: type[M]) -> M:
     try:
         body = request.get_data(cache=False)  # over MAX_CONTENT_LENGTH: 413 before we read it
     except OSError:  # the client stopped sending for CLIENT_TIMEOUT seconds (api/http_worker.py)
-        raise ApiError(408, "the request body stopped arriving (CLIENT_TIMEOUT)", error_type="timeout") from None
+        raise ApiError(408, "the request body stopped arriving (CLIENT_TIMEOUT)",
+                       error_type="timeout") from None
     try:
         try:
             return model.model_validate_json(body)
@@ -52,13 +53,25 @@ def parse_body(model: type[M]) -> M:
         if any(e["type"] == "json_invalid" for e in errors):
             detail = errors[0]["ctx"].get("error", "") if errors[0].get("ctx") else ""
             raise ApiError(400, f"request body is not valid JSON: {detail}".rstrip(": ")) from None
-        if any(e["type"] == "model_type" and not e["loc"] for e in errors):
+        if any(e["type"] in ("model_type", "dict_type") and not e["loc"] for e in errors):
             raise ApiError(422, "request body must be a JSON object") from None
         raise invalid(exc, "invalid request") from None
 
 
 def _is_json_invalid(exc: ValidationError) -> bool:
     return any(e["type"] == "json_invalid" for e in exc.errors(include_input=False, include_url=False))
+
+
+class JsonObject(RootModel[dict[str, Any]]):
+    """Any JSON object: for a route that picks the model of its body by what the body holds."""
+
+
+def validate(model: type[M], data: dict[str, Any]) -> M:
+    """`data` (already parsed JSON) as `model`, or the 422 naming each bad field."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise invalid(exc, "invalid request") from None
 
 
 def invalid(exc: ValidationError, what: str) -> ApiError:

@@ -66,7 +66,7 @@ def test_metrics_cover_api_queues_and_workers(api):
     assert 'status="422"' in text and "rerank_http_request_seconds_bucket" in text
     assert 'rerank_workers{model="tiny"} 1.0' in text
     assert 'rerank_queue_depth{model="tiny",queue="realtime"}' in text
-    assert 'rerank_pending_pairs{model="tiny"}' in text
+    assert 'rerank_pending_tokens{model="tiny"}' in text
     samples = [line for line in text.splitlines() if not line.startswith("#")]
     for name in ("rerank_batch_tokens_bucket", "rerank_batch_seconds_sum", "rerank_pairs_scored_total",
                  "rerank_tokens_scored_total", "rerank_worker_tasks_total"):
@@ -90,10 +90,13 @@ def test_openapi_documents_every_route_from_the_request_models(api):
     doc = requests.get(api.url + "/openapi.json", timeout=5).json()
     validate(doc)
     from api.app import create_app
+    from api.openapi import openapi_path
 
     app = create_app(Settings(models="tiny=/nowhere", redis_url="redis://127.0.0.1:1/0"))
     for rule in app.url_map.iter_rules():
-        path = rule.rule.replace("<", "{").replace(">", "}")
+        if getattr(getattr(app.view_functions[rule.endpoint], "openapi", None), "hidden", False):
+            continue  # Swagger UI's static files
+        path = openapi_path(rule.rule)
         for method in rule.methods - {"HEAD", "OPTIONS"}:
             assert method.lower() in doc["paths"][path], (method, path)
     body = doc["paths"]["/v1/rerank"]["post"]["requestBody"]["content"]["application/json"]["schema"]

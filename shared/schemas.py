@@ -357,6 +357,8 @@ class TeiInfo(BaseModel):
     auto_truncate: bool
     tokenization_workers: int
     version: str
+    simulated: bool = Field(default=False, description="Ours: the workers run on the simulated GPU (DEVICE=sim); "
+                                                       "scores are placeholders.")
 
 
 # --- bulk jobs --------------------------------------------------------------------------------------

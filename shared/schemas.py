@@ -329,6 +329,13 @@ class ModelCard(BaseModel):
     devices: list[str]
     dtypes: list[str]
     pairs_per_second: float | None = Field(description="Measured pace of the live workers together.")
+    capacity: float | None = Field(
+        default=None, description="Padded tokens a second the live workers score at full batches (the 429 bound "
+                                  "is this times SYNC_TIMEOUT).")
+    backends: list[str] = Field(default_factory=list, description="How the workers run the model.")
+    graph_memory_mib: float | None = Field(default=None, description="GPU memory one worker's CUDA graphs hold.")
+    simulated: bool = Field(default=False, description="A worker runs on the simulated GPU (DEVICE=sim): its "
+                                                       "scores are placeholders.")
 
 
 class ModelList(BaseModel):
@@ -351,6 +358,8 @@ class TeiInfo(BaseModel):
     auto_truncate: bool
     tokenization_workers: int
     version: str
+    simulated: bool = Field(default=False, description="Ours: the workers run on the simulated GPU (DEVICE=sim); "
+                                                       "scores are placeholders.")
 
 
 # --- bulk jobs --------------------------------------------------------------------------------------

@@ -51,6 +51,7 @@ def test_models_lists_workers_devices_and_needs_the_token(api):
     assert card["id"] == "tiny" and card["workers"] >= 1 and card["max_length"] == 512
     assert card["devices"] == ["cpu"] and card["dtypes"] == ["float32"]
     assert card["source"].endswith("tiny")
+    assert card["backends"] == ["torch eager"] and card["capacity"] > 0 and card["simulated"] is False
 
 
 def test_metrics_cover_api_queues_and_workers(api):

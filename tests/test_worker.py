@@ -100,3 +100,27 @@ def test_an_enormous_document_is_answered_and_the_worker_never_looks_dead(api, l
         assert set(outcomes["small"]) == {200}, outcomes["small"]
     finally:
         big_api.stop()
+
+
+def test_a_simulated_worker_serves_through_the_real_stack_and_says_so(stack_env, log_dir, tmp_path_factory):
+    """DEVICE=sim: the real tokenizer, engine process, Celery and API around a simulated H100;
+    its placeholder scores are announced in the log, /v1/models and /info."""
+    from rerank.random_model import build_model
+
+    path = build_model(tmp_path_factory.mktemp("models") / "base-sim", "base", weights=False)
+    env = dict(stack_env, MODELS=f"simbase={path}", DEVICE="sim")
+    env.pop("ACCESS_TOKEN")
+    worker = start_worker("worker-sim", env, log_dir, "simbase")
+    api, url = start_api("api-sim", env, log_dir)
+    try:
+        r = requests.post(url + "/v1/rerank", json={"query": "q", "documents": ["a b", "c", "a b"]}, timeout=10)
+        assert r.status_code == 200, r.text
+        scores = {x["index"]: x["relevance_score"] for x in r.json()["results"]}
+        assert scores[0] == scores[2]  # placeholders are a function of the tokens
+        (card,) = requests.get(url + "/v1/models", timeout=5).json()["data"]
+        assert card["simulated"] is True and card["devices"] == ["sim"] and "simulated H100" in card["backends"][0]
+        assert requests.get(url + "/info", timeout=5).json()["simulated"] is True
+        assert "SIMULATED device" in worker.log_tail(100)
+    finally:
+        api.stop()
+        worker.stop()

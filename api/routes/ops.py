@@ -57,6 +57,10 @@ def _card(spec: ModelSpec) -> ModelCard:
         devices=sorted({w.get("device", "?") for w in workers}),
         dtypes=sorted({w.get("dtype", "?") for w in workers}),
         pairs_per_second=round(sum(w.get("pairs_per_second") or 0 for w in workers), 2) or None,
+        capacity=round(sum(w.get("capacity") or 0 for w in workers), 1) or None,
+        backends=sorted({w["backend"] for w in workers if w.get("backend")}),
+        graph_memory_mib=max((w.get("graph_memory_mib") or 0 for w in workers), default=0) or None,
+        simulated=any(w.get("simulated") for w in workers),
     )
 
 

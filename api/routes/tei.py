@@ -108,4 +108,5 @@ def tei_info():
         auto_truncate=True,
         tokenization_workers=settings.worker_concurrency,
         version="1.0",
+        simulated=any(w.get("simulated") for w in workers),
     ))

@@ -19,7 +19,7 @@ import yaml
 from shared import names
 from shared.settings import Settings
 from shared.workers import WorkerRegistry
-from tests.procs import ROOT, wait_for
+from tests.procs import ROOT, start_worker, wait_for
 
 K8S = ROOT / "deploy" / "k8s"
 OVERLAYS = ("single-gpu", "fleet")
@@ -250,3 +250,27 @@ def test_the_api_puts_tasks_exactly_on_the_lists_the_triggers_watch(multi_api, r
     finally:
         WorkerRegistry(client).withdraw(model, "k8s-test-worker")
         client.delete(bulk, realtime)
+
+
+@pytest.mark.stack
+def test_a_worker_scaled_down_mid_job_loses_nothing(multi_api, log_dir):
+    """What Kubernetes does to a worker pod KEDA scales down: SIGTERM, then time to finish. The job
+    still ends with every item once, with no help from VISIBILITY_TIMEOUT (15 min by default)."""
+    from tests.test_jobs import make_items, results, status, submit, wait_finished
+
+    env = dict(multi_api.env, JOB_PIECE_PAIRS="20", WORKER_CONCURRENCY="4")
+    first = start_worker("worker-spare-scaled-down", env, log_dir, "spare")
+    items = make_items(300, seed=14, docs=(5, 12))
+    job_id = submit(multi_api, items, token=None, model="spare")
+    wait_for(lambda: status(multi_api, job_id, None)["progress"]["items_done"] > 0, 60, "the job to start")
+    assert first.stop(grace=60) == 0  # a warm shutdown, as terminationGracePeriodSeconds allows
+    at_stop = status(multi_api, job_id, None)["progress"]["items_done"]
+    assert at_stop < 300, "stop the worker in the middle of the job"
+    second = start_worker("worker-spare-scaled-up", env, log_dir, "spare")
+    try:
+        final, _ = wait_finished(multi_api, job_id, timeout=120, token=None)
+    finally:
+        second.stop()
+    assert final["status"] == "succeeded" and final["progress"]["items_done"] == 300, final
+    lines, _ = results(multi_api, job_id, None)
+    assert [line["index"] for line in lines] == list(range(300))  # each item once, in order

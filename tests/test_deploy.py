@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import tomllib
+import zipfile
 from importlib import metadata
 from pathlib import Path
 
@@ -186,8 +187,9 @@ def test_worker_image_installs_only_what_the_worker_imports(model_dir):
     assert "sentence-transformers" not in image
     assert "sentence-transformers==" in (ROOT / "requirements" / "dev.txt").read_text()
     # And a worker that loads its model does not drag it in either.
-    code = "import sys, worker.tasks; from worker.model import load_reranker; load_reranker(sys.argv[1], device='cpu'); " \
-           "sys.exit('sentence_transformers' in sys.modules)"
+    code = ("import sys, worker.tasks; from engine import Engine, EngineConfig; "
+            "engine = Engine.start(EngineConfig(source=sys.argv[1], device='cpu')); "
+            "engine.score('q', ['a', 'b']); engine.stop(); sys.exit('sentence_transformers' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code, str(model_dir)], cwd=ROOT, capture_output=True, text=True,
                          env=base_env())
     assert out.returncode == 0, out.stderr[-3000:]
@@ -208,6 +210,11 @@ def project_wheel(tmp_path_factory) -> Path:
                           "--wheel-dir", str(tmp / "dist"), str(src)], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
     (wheel,) = (tmp / "dist").glob("rerank_service-*.whl")
+    # Every file of our packages is in it: modules, gunicorn's config, data files the code reads.
+    in_wheel = set(zipfile.ZipFile(wheel).namelist())
+    ours = {p.relative_to(src).as_posix() for name in OUR_PACKAGES if (src / name).is_dir()
+            for p in (src / name).rglob("*") if p.is_file()}
+    assert "api/gunicorn.conf.py" in ours and ours <= in_wheel, sorted(ours - in_wheel)
     return wheel
 
 

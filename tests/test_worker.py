@@ -29,6 +29,9 @@ def test_the_model_runs_in_its_own_process_and_its_death_ends_the_worker(multi_a
     try:
         (info,) = [w for w in live(multi_api.env, "spare") if w["pid"] == worker.pid]
         assert info["engine_pid"] and info["engine_pid"] != worker.pid and info["capacity"] > 0
+        # The worker process only tokenizes: torch lives in the engine process alone.
+        assert "libtorch" not in open(f"/proc/{worker.pid}/maps").read()
+        assert "libtorch" in open(f"/proc/{info['engine_pid']}/maps").read()
         os.kill(info["engine_pid"], signal.SIGKILL)
         # Nothing can be scored any more: the worker leaves at once (status 4: restart me).
         assert wait_for(lambda: worker.popen.poll() is not None, 20, "the worker to exit", None) is True

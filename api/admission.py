@@ -1,12 +1,10 @@
-"""Backpressure: a bound on the realtime work pending per model, shared by every API process.
+"""Backpressure: how much realtime work may be pending per model, and what a call costs.
 
 Work is counted by its cost as the batcher counts it (padded tokens, attention-scaled beyond 512),
 estimated from the text before anything is queued: a call of 100 long documents weighs what it
-costs, not what 100 one-word documents do. Each admitted call is recorded in Redis with its cost
-and deadline; a call that would push the total past the bound is refused at once (429 +
-Retry-After) instead of waiting in a queue it cannot leave before its timeout. Entries leave when
-the call ends, or by themselves when their deadline passes (an API process that died), so the
-count cannot drift.
+costs, not what 100 one-word documents do. A call that would push the pending total past the
+bound is refused at once (429 + Retry-After) instead of waiting in a queue it cannot leave
+before its timeout. The ledger itself is shared/pending.py.
 
 The bound is what the live workers can score within SYNC_TIMEOUT at full batches: each worker
 measures that capacity while it warms up (engine.engine.measure_capacity), before its first
@@ -16,42 +14,8 @@ request, so a burst right after start is not refused for want of a measured pace
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
-import redis
-
-from shared import names
 from shared.schemas import ScoreOptions
-
-_ADMIT = """
-local expired = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[4], 'LIMIT', 0, 500)
-if #expired > 0 then
-  local sizes = redis.call('HMGET', KEYS[2], unpack(expired))
-  local freed = 0
-  for _, v in ipairs(sizes) do if v then freed = freed + tonumber(v) end end
-  redis.call('HDEL', KEYS[2], unpack(expired))
-  redis.call('ZREM', KEYS[1], unpack(expired))
-  redis.call('DECRBY', KEYS[3], freed)
-end
-local total = tonumber(redis.call('GET', KEYS[3]) or '0')
-if total < 0 then total = 0 redis.call('SET', KEYS[3], 0) end
-local cost = tonumber(ARGV[2])
-if total > 0 and total + cost > tonumber(ARGV[5]) then return {0, total} end
-redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
-redis.call('HSET', KEYS[2], ARGV[1], cost)
-redis.call('INCRBY', KEYS[3], cost)
-return {1, total + cost}
-"""
-
-_RELEASE = """
-local v = redis.call('HGET', KEYS[2], ARGV[1])
-if v then
-  redis.call('HDEL', KEYS[2], ARGV[1])
-  redis.call('ZREM', KEYS[1], ARGV[1])
-  redis.call('DECRBY', KEYS[3], v)
-end
-return v
-"""
 
 #: What the tokenizer turns one character into, before any worker has measured it.
 DEFAULT_CHARS_PER_TOKEN = 3.0
@@ -59,26 +23,6 @@ DEFAULT_CHARS_PER_TOKEN = 3.0
 SPECIAL_TOKENS = 4
 #: Batches computed from length-sorted pairs are about 95 % real tokens (engine/batcher.py).
 PADDING_FACTOR = 1.05
-
-
-@dataclass
-class Verdict:
-    admitted: bool
-    pending: int  # cost pending for the model (including this call when admitted)
-
-
-class Admission:
-    def __init__(self, client: redis.Redis) -> None:
-        self._admit = client.register_script(_ADMIT)
-        self._release = client.register_script(_RELEASE)
-
-    def admit(self, model: str, call_id: str, cost: int, deadline: float, now: float, limit: float) -> Verdict:
-        limit_arg = str(int(min(limit, 10**15)))  # Lua numbers: no infinity
-        ok, pending = self._admit(keys=names.pending_keys(model), args=[call_id, cost, deadline, now, limit_arg])
-        return Verdict(bool(ok), int(pending))
-
-    def release(self, model: str, call_id: str) -> None:
-        self._release(keys=names.pending_keys(model), args=[call_id])
 
 
 def pair_cost(tokens: int) -> float:

@@ -17,10 +17,11 @@ from datetime import datetime, timezone
 import redis
 from kombu.exceptions import OperationalError
 
-from api.admission import Admission, chars_per_token, estimate_cost, pending_limit, retry_after
+from api.admission import chars_per_token, estimate_cost, pending_limit, retry_after
 from api.errors import ApiError
 from shared import names, redis_state
 from shared.celery_config import make_celery
+from shared.pending import PendingWork
 from shared.schemas import ScoreOptions, ScoreReply, ScoreTask
 from shared.settings import ModelSpec, Settings
 from shared.workers import WorkerRegistry
@@ -58,7 +59,7 @@ class Dispatcher:
             health_check_interval=30,
         )
         self.workers = WorkerRegistry(self.redis)
-        self.admission = Admission(self.redis)
+        self.pending = PendingWork(self.redis)
 
     def _require_worker(self, model: ModelSpec, *, fresh: bool = False) -> list[dict]:
         workers = self.workers.alive(model.name, fresh=fresh)
@@ -85,7 +86,7 @@ class Dispatcher:
         limit = pending_limit(self.settings.max_pending_tokens, workers, self.settings.sync_timeout)
         cost = estimate_cost(query, documents, options, max_length=model.max_length,
                              chars_per_token=chars_per_token(workers), max_chunks=self.settings.max_chunks)
-        verdict = self.admission.admit(model.name, call_id, cost, deadline, now, limit)
+        verdict = self.pending.admit(model.name, call_id, cost, deadline, now, limit)
         if not verdict.admitted:
             raise ApiError(
                 429,
@@ -93,15 +94,16 @@ class Dispatcher:
                 f"what its workers score within SYNC_TIMEOUT); retry later",
                 headers={"Retry-After": str(retry_after(verdict.pending, workers))},
             )
+        task = ScoreTask(call_id=call_id, request_id=request_id, query=query, documents=documents,
+                         deadline=deadline, options=options)
         try:
-            task = ScoreTask(call_id=call_id, request_id=request_id, query=query, documents=documents,
-                             deadline=deadline, options=options)
-            return self._send_and_wait(model, task)
-        finally:
+            return self._send_and_wait(model, task)  # the worker released the call with its answer
+        except BaseException:
             try:
-                self.admission.release(model.name, call_id)
+                self.pending.release(model.name, call_id)
             except redis.RedisError:
                 pass  # the entry expires at its deadline anyway
+            raise
 
     def _send_and_wait(self, model: ModelSpec, task: ScoreTask) -> Scored:
         deadline = task.deadline
@@ -111,6 +113,9 @@ class Dispatcher:
             queue=names.realtime_queue(model.name),
             expires=datetime.fromtimestamp(deadline, tz=timezone.utc),
             task_id=task.call_id,
+            # Celery would render the documents with saferepr for its logs on every call.
+            argsrepr=f"<{len(task.documents)} documents>",
+            kwargsrepr="{}",
         )
         key = names.reply_key(task.call_id)
         while True:

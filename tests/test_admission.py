@@ -22,7 +22,7 @@ from tests.procs import start_api, start_worker, wait_for
 
 pytestmark = pytest.mark.stack
 
-SYNC_TIMEOUT = 4.0
+SYNC_TIMEOUT = 6.0
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +42,8 @@ def cold(tmp_path_factory, stack_env, log_dir, tokenizer):
         worker.stop()
 
 
-def fastgpt_call(tokenizer, seed: int) -> dict:
-    return {"query": "什么是 rerank?", "documents": documents_of_length(tokenizer, [60] * 20, seed=seed)}
+def fastgpt_call(tokenizer, seed: int, tokens: int = 60, documents: int = 10) -> dict:
+    return {"query": "什么是 rerank?", "documents": documents_of_length(tokenizer, [tokens] * documents, seed=seed)}
 
 
 def burst(url: str, bodies: list[dict]) -> list[tuple[int, float]]:
@@ -70,16 +70,18 @@ def test_a_burst_right_after_ready_that_fits_the_capacity_gets_no_429(cold, toke
     bodies = [fastgpt_call(tokenizer, seed) for seed in range(40)]
     limit, cost = limits(env, bodies[0])
     assert limit < float("inf"), "the worker announced its capacity before its first request"
-    clients = max(2, min(40, int(0.4 * limit // cost)))  # what it scores in 40 % of SYNC_TIMEOUT
+    # What it scores in 30 % of SYNC_TIMEOUT at the pace it measured: room for a busy machine.
+    clients = max(2, min(40, int(0.3 * limit // cost)))
     answers = burst(url, bodies[:clients])
     assert [s for s, _ in answers] == [200] * clients, answers
 
 
 def test_load_beyond_the_capacity_gets_429_at_once(cold, tokenizer):
     url, env, _ = cold
-    bodies = [fastgpt_call(tokenizer, seed) for seed in range(80)]
+    bodies = [fastgpt_call(tokenizer, seed, tokens=200, documents=20) for seed in range(8)] * 10
     limit, cost = limits(env, bodies[0])
     clients = min(80, max(8, int(3 * limit // cost)))  # three times what fits
+    assert clients * cost > 2 * limit
     answers = burst(url, bodies[:clients])
     refused = [t for s, t in answers if s == 429]
     assert refused, f"{clients} calls costing {clients * cost} against a bound of {limit}: none refused"

@@ -22,6 +22,7 @@ from shared import names
 from shared.celery_config import make_celery
 from shared.jobs import JobStore
 from shared.logs import configure_logging
+from shared.pending import PendingWork
 from shared.settings import ModelSpec, Settings, get_settings
 from shared.storage import JobStorage
 from worker.celery_workarounds import BulkGate, apply_kombu_fixes
@@ -85,7 +86,7 @@ def build_context(settings: Settings, spec: ModelSpec) -> WorkerContext:
                                   health_check_interval=30)
     ctx = WorkerContext(spec=spec, settings=settings, engine=engine, redis=client,
                         job_store=JobStore(client, settings.job_ttl), job_storage=JobStorage(settings.job_storage_url),
-                        metrics=metrics, pace=pace, chars_per_token=CharsPerToken())
+                        metrics=metrics, pace=pace, chars_per_token=CharsPerToken(), pending=PendingWork(client))
     info = engine.info
     log.info("model %s from %s on %s (%s, %s, max_length %d, %d tokens per batch, capacity %.0f tokens/s) "
              "ready in %.1fs%s", spec.name, spec.source, info["device"], info["dtype"], info.get("backend"),

@@ -16,6 +16,7 @@ import redis
 
 from engine import Engine
 from shared.jobs import JobStore
+from shared.pending import PendingWork
 from shared.settings import ModelSpec, Settings
 from shared.storage import JobStorage
 from worker.metrics import CharsPerToken, Pace, WorkerMetrics
@@ -32,6 +33,7 @@ class WorkerContext:
     metrics: WorkerMetrics
     pace: Pace
     chars_per_token: CharsPerToken
+    pending: PendingWork
     worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}")
 
     def describe(self) -> dict[str, object]:

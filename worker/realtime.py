@@ -29,7 +29,7 @@ def policy_of(options: ScoreOptions, max_chunks: int) -> DocumentPolicy:
 def score_call(ctx: WorkerContext, task: ScoreTask) -> ScoreReply | None:
     """Score one synchronous call; None when its caller has already given up."""
     started = time.perf_counter()
-    if task.deadline <= time.time() or not ctx.redis.hexists(names.pending_keys(ctx.spec.name)[1], task.call_id):
+    if task.deadline <= time.time() or not ctx.pending.waiting(ctx.spec.name, task.call_id):
         return None  # the caller gave up (timeout, or it stopped waiting on a dead-looking worker)
     try:
         encoded = ctx.engine.encoder.encode(task.query, task.documents,
@@ -55,8 +55,10 @@ def score_call(ctx: WorkerContext, task: ScoreTask) -> ScoreReply | None:
 
 
 def send_reply(ctx: WorkerContext, call_id: str, reply: ScoreReply) -> None:
+    """The answer on the caller's list, and the call out of the pending ledger: one round trip."""
     key = names.reply_key(call_id)
-    pipe = ctx.redis.pipeline()
+    pipe = ctx.redis.pipeline(transaction=False)
     pipe.rpush(key, reply.model_dump_json(exclude_none=True))
     pipe.expire(key, REPLY_TTL_SECONDS)
+    ctx.pending.release(ctx.spec.name, call_id, pipe)
     pipe.execute()

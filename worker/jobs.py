@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import logging
 
+from celery import current_app
+
 from shared import jobs as job_state
+from shared.feed import after_piece
 from shared.ranking import shape_results
 from shared.schemas import PieceTask, ScoreOptions
 from worker.batching import BULK
@@ -21,6 +24,13 @@ log = logging.getLogger(__name__)
 
 def run_piece(rt: Runtime, task: PieceTask) -> str:
     """Score one piece; returns what happened: done, redone, skipped-*, or failed."""
+    try:
+        return _run_piece(rt, task)
+    finally:  # whatever happened, the next piece of some job gets this one's turn (fair turns)
+        after_piece(rt.redis, current_app, rt.settings.visibility_timeout, rt.spec.name, task.job_id, task.piece)
+
+
+def _run_piece(rt: Runtime, task: PieceTask) -> str:
     store, storage = rt.job_store, rt.job_storage
     job = store.get(task.job_id)
     if job is None:

@@ -281,7 +281,8 @@ class JobService:
         return job_results.jsonl(self.storage, job.id, pieces, start if start > first_index else 0)
 
     def complete(self, job: Job) -> bool:
-        return job.finished and self.store.done_pieces(job.id) >= set(range(job.pieces_total))
+        """Whether the results hold a line for every item (no piece missing, none failed for good)."""
+        return job.finished and not job.pieces_failed and self.store.done_pieces(job.id) >= set(range(job.pieces_total))
 
     # --- cancelling and deleting -------------------------------------------------------------------
     def cancel_or_delete(self, job: Job) -> dict:

@@ -96,7 +96,7 @@ def jsonl_entries(lines: Iterator[bytes]) -> Iterator[Entry]:
     """Validate JSON Lines by the JobItem model, numbered from 1; blank lines are skipped."""
     validate = JobItem.model_validate_json
     for number, line in enumerate(lines, start=1):
-        if not line.strip():
+        if not line or line.isspace():
             continue
         try:
             yield f"line {number}", validate(line), None

@@ -1,9 +1,16 @@
 """Backpressure: a bound on the realtime work pending per model, shared by every API process.
 
-Each admitted call is recorded in Redis with its pair count and deadline; a call that would push
-the total past the limit is refused at once (429 + Retry-After) instead of waiting in a queue it
-cannot get out of before its timeout. Entries leave when the call ends, or by themselves when their
-deadline passes (an API process that died), so the count cannot drift.
+Work is counted by its cost as the batcher counts it (padded tokens, attention-scaled beyond 512),
+estimated from the text before anything is queued: a call of 100 long documents weighs what it
+costs, not what 100 one-word documents do. Each admitted call is recorded in Redis with its cost
+and deadline; a call that would push the total past the bound is refused at once (429 +
+Retry-After) instead of waiting in a queue it cannot leave before its timeout. Entries leave when
+the call ends, or by themselves when their deadline passes (an API process that died), so the
+count cannot drift.
+
+The bound is what the live workers can score within SYNC_TIMEOUT at full batches: each worker
+measures that capacity while it warms up (engine.engine.measure_capacity), before its first
+request, so a burst right after start is not refused for want of a measured pace.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from dataclasses import dataclass
 import redis
 
 from shared import names
+from shared.schemas import ScoreOptions
 
 _ADMIT = """
 local expired = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[4], 'LIMIT', 0, 500)
@@ -27,12 +35,12 @@ if #expired > 0 then
 end
 local total = tonumber(redis.call('GET', KEYS[3]) or '0')
 if total < 0 then total = 0 redis.call('SET', KEYS[3], 0) end
-local pairs = tonumber(ARGV[2])
-if total > 0 and total + pairs > tonumber(ARGV[5]) then return {0, total} end
+local cost = tonumber(ARGV[2])
+if total > 0 and total + cost > tonumber(ARGV[5]) then return {0, total} end
 redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
-redis.call('HSET', KEYS[2], ARGV[1], pairs)
-redis.call('INCRBY', KEYS[3], pairs)
-return {1, total + pairs}
+redis.call('HSET', KEYS[2], ARGV[1], cost)
+redis.call('INCRBY', KEYS[3], cost)
+return {1, total + cost}
 """
 
 _RELEASE = """
@@ -45,14 +53,18 @@ end
 return v
 """
 
-#: Share of the workers' measured capacity over SYNC_TIMEOUT that may be pending at once.
-CAPACITY_SHARE = 0.75
+#: What the tokenizer turns one character into, before any worker has measured it.
+DEFAULT_CHARS_PER_TOKEN = 3.0
+#: Pair inputs carry <s> </s></s> </s> around the query and the document.
+SPECIAL_TOKENS = 4
+#: Batches computed from length-sorted pairs are about 95 % real tokens (engine/batcher.py).
+PADDING_FACTOR = 1.05
 
 
 @dataclass
 class Verdict:
     admitted: bool
-    pending: int  # pairs pending for the model (including this call when admitted)
+    pending: int  # cost pending for the model (including this call when admitted)
 
 
 class Admission:
@@ -60,24 +72,62 @@ class Admission:
         self._admit = client.register_script(_ADMIT)
         self._release = client.register_script(_RELEASE)
 
-    def admit(self, model: str, call_id: str, pairs: int, deadline: float, now: float, limit: float) -> Verdict:
+    def admit(self, model: str, call_id: str, cost: int, deadline: float, now: float, limit: float) -> Verdict:
         limit_arg = str(int(min(limit, 10**15)))  # Lua numbers: no infinity
-        ok, pending = self._admit(keys=names.pending_keys(model), args=[call_id, pairs, deadline, now, limit_arg])
+        ok, pending = self._admit(keys=names.pending_keys(model), args=[call_id, cost, deadline, now, limit_arg])
         return Verdict(bool(ok), int(pending))
 
     def release(self, model: str, call_id: str) -> None:
         self._release(keys=names.pending_keys(model), args=[call_id])
 
 
+def pair_cost(tokens: int) -> float:
+    """A pair's share of a batch's cost (engine.batcher.padded_cost for one row)."""
+    return tokens * max(1.0, tokens / 512)
+
+
+def estimate_cost(query: str, documents: list[str], options: ScoreOptions, *, max_length: int,
+                  chars_per_token: float) -> int:
+    """What a call will cost the batcher, from its text alone (tokens estimated from characters
+    at the workers' measured ratio; FlagEmbedding's truncation and the chunking options applied)."""
+    def tokens(text: str) -> int:
+        return math.ceil(len(text) / chars_per_token)
+
+    query_tokens = min(tokens(query), max_length * 3 // 4)
+    room = max(max_length - query_tokens - SPECIAL_TOKENS, 1)
+    head = query_tokens + SPECIAL_TOKENS
+    total = 0.0
+    for doc in documents:
+        length = tokens(doc)
+        if options.max_doc_tokens is not None:
+            length = min(length, options.max_doc_tokens)
+        windows = 1
+        if options.chunk_overlap is not None and length > room:
+            step = room - min(options.chunk_overlap, room // 2)
+            windows = min(options.max_chunks, 1 + math.ceil((length - room) / step))
+        total += windows * pair_cost(head + min(length, room))
+    return max(1, math.ceil(total * PADDING_FACTOR))
+
+
+def chars_per_token(workers: list[dict]) -> float:
+    measured = [w["chars_per_token"] for w in workers if w.get("chars_per_token")]
+    return sum(measured) / len(measured) if measured else DEFAULT_CHARS_PER_TOKEN
+
+
+def capacity(workers: list[dict]) -> float:
+    """Cost per second the live workers score at full batches (or faster, when measured so)."""
+    return sum(max(w.get("capacity") or 0.0, w.get("cost_per_second") or 0.0) for w in workers)
+
+
 def pending_limit(explicit: int | None, workers: list[dict], sync_timeout: float) -> float:
-    """MAX_PENDING_PAIRS when set; else what the live workers can score before the timeout."""
+    """MAX_PENDING_TOKENS when set; else what the live workers can score within the timeout."""
     if explicit is not None:
         return explicit
-    rate = sum(w.get("pairs_per_second") or 0.0 for w in workers)
-    return rate * sync_timeout * CAPACITY_SHARE if rate > 0 else math.inf
+    rate = capacity(workers)
+    return rate * sync_timeout if rate > 0 else math.inf
 
 
 def retry_after(pending: int, workers: list[dict]) -> int:
-    """Seconds until the pending work should be done, at the workers' measured pace."""
-    rate = sum(w.get("pairs_per_second") or 0.0 for w in workers)
+    """Seconds until the pending work should be done, at the workers' capacity."""
+    rate = capacity(workers)
     return max(1, math.ceil(pending / rate)) if rate > 0 else 1

@@ -17,7 +17,7 @@ from datetime import datetime, timezone
 import redis
 from kombu.exceptions import OperationalError
 
-from api.admission import Admission, pending_limit, retry_after
+from api.admission import Admission, chars_per_token, estimate_cost, pending_limit, retry_after
 from api.errors import ApiError
 from shared import names
 from shared.celery_config import make_celery
@@ -36,6 +36,7 @@ class Scored:
     logits: list[float]
     input_tokens: int
     chunks: list[int] | None = None
+    truncated: list[bool] | None = None
 
 
 class Dispatcher:
@@ -73,12 +74,15 @@ class Dispatcher:
         now = time.time()
         deadline = now + self.settings.sync_timeout
         call_id = f"{request_id}.{uuid.uuid4().hex[:12]}"  # the worker's log lines carry the request id
-        limit = pending_limit(self.settings.max_pending_pairs, workers, self.settings.sync_timeout)
-        verdict = self.admission.admit(model.name, call_id, len(documents), deadline, now, limit)
+        limit = pending_limit(self.settings.max_pending_tokens, workers, self.settings.sync_timeout)
+        cost = estimate_cost(query, documents, options, max_length=model.max_length,
+                             chars_per_token=chars_per_token(workers))
+        verdict = self.admission.admit(model.name, call_id, cost, deadline, now, limit)
         if not verdict.admitted:
             raise ApiError(
                 429,
-                f"model {model.name!r} is busy: {verdict.pending} pairs pending (limit {int(limit)}); retry later",
+                f"model {model.name!r} is busy: {verdict.pending} tokens of work pending (limit {int(limit)}, "
+                f"what its workers score within SYNC_TIMEOUT); retry later",
                 headers={"Retry-After": str(retry_after(verdict.pending, workers))},
             )
         try:
@@ -116,4 +120,5 @@ class Dispatcher:
     def _unpack(reply: ScoreReply) -> Scored:
         if reply.error is not None or reply.logits is None:
             raise ApiError(reply.status or 500, reply.error or "worker returned no scores")
-        return Scored(logits=reply.logits, input_tokens=reply.input_tokens, chunks=reply.chunks)
+        return Scored(logits=reply.logits, input_tokens=reply.input_tokens, chunks=reply.chunks,
+                      truncated=reply.truncated)

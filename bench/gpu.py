@@ -1,23 +1,27 @@
-"""GPU benchmark of the worker's scoring path: pairs/s, tokens/s and model FLOP utilisation.
+"""The model alone on a GPU: pairs/s, tokens/s, model FLOP utilisation, and forward passes by shape.
 
-Needs only torch, transformers and sentence-transformers (no Redis, no server):
+Needs only torch and transformers (no Redis, no server):
 
-    python -m bench.gpu                         # base, large, v2-m3 x fp16, bf16 x 128..512 (+2048, 8192)
-    python -m bench.gpu --quick --device cpu    # a smoke run of the script itself, anywhere
+    python -m bench.gpu                                   # base, large, v2-m3 x fp16, bf16 x 128..512 (+2048, 8192)
+    python -m bench.gpu --archs base --dtypes float16 --shapes   # + eager vs CUDA-graph pass by shape
+    python -m bench.gpu --quick --device cpu              # a smoke run of the script itself, anywhere
 
 Random-weight models of the exact bge-reranker configs (CONTRACT §5) are saved to a temporary
-folder and loaded through the worker's own `load_reranker`; pairs of exactly L tokens go through
-`score_encoded` (sort, token-budget batches, forward) and, for one size, through the
-cross-request `Batcher` fed by concurrent requests. Utilisation = achieved model FLOP/s over
-790 TFLOP/s (H200 dense bf16, CONTRACT §6), counting 2 x non-embedding parameters per token plus
-4 x layers x L^2 x hidden per pair for attention.
+folder and loaded through the engine's own backends. "Model alone" is pre-tokenized pairs of
+exactly L tokens through the engine's batcher as one request (a global length sort under the
+token budget) on the best backend (CUDA graphs where a batch fits a bucket, eager otherwise); the
+same pairs sent as many concurrent requests through the batcher are reported beside it.
+`--shapes` times single forward passes (launch: until the call returned; total: until the logits
+were on the CPU) for eager and replayed passes, in the format of shared/gpu/h100-forward-timing.json
+(the table `DEVICE=sim` replays). Utilisation = achieved model FLOP/s over 790 TFLOP/s (CONTRACT
+§6), counting 2 x non-embedding parameters per token plus 4 x layers x L^2 x hidden per pair.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import random
+import statistics
 import sys
 import tempfile
 import threading
@@ -28,62 +32,66 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from engine import REALTIME, Encoded, EngineConfig  # noqa: E402
+from engine.backends import PaddedBatch, load_backend  # noqa: E402
+from engine.batcher import Batcher  # noqa: E402
 from rerank.random_model import ARCHS, build_model  # noqa: E402
-from worker.batching import REALTIME, Batcher  # noqa: E402
-from worker.model import load_reranker  # noqa: E402
-from worker.scoring import score_encoded  # noqa: E402
 
 PEAK_FLOPS = 790e12
 LENGTHS = {"base": [128, 256, 512], "large": [128, 256, 512], "v2-m3": [128, 256, 512, 2048, 8192]}
+SHAPE_ROWS = [1, 4, 16, 64, 256, 1024]
+SHAPE_WIDTHS = {"base": [16, 64, 128, 256, 512], "large": [16, 64, 128, 256, 512],
+                "v2-m3": [16, 64, 128, 256, 512, 1024, 2048, 4096, 8192]}
 
 
-def flops_per_pair(model: torch.nn.Module, arch: str, length: int) -> float:
+def flops_per_pair(arch: str, length: int) -> float:
     shape = ARCHS[arch]
-    embedding = sum(p.numel() for n, p in model.named_parameters() if "embeddings" in n)
-    non_embedding = sum(p.numel() for p in model.parameters()) - embedding
-    attention = 4 * shape["num_hidden_layers"] * length * length * shape["hidden_size"]
+    h, layers, ffn = shape["hidden_size"], shape["num_hidden_layers"], shape["intermediate_size"]
+    non_embedding = layers * (4 * h * h + 2 * h * ffn) + h * h + h  # attention, FFN, classifier head
+    attention = 4 * layers * length * length * h
     return 2 * non_embedding * length + attention
 
 
-def pairs_of_length(reranker, length: int, count: int, seed: int = 0) -> list[list[int]]:
-    """Encoded pairs of exactly `length` tokens (specials included), random ids of the vocabulary."""
-    rng = random.Random(seed)
-    vocab = len(reranker.tokenizer)
-    body = length - reranker.specials
-    q = max(1, min(32, body // 4))
-    out = []
-    for _ in range(count):
-        ids = [rng.randrange(5, vocab - 1) for _ in range(body)]
-        out.append(reranker.prefix + ids[:q] + reranker.middle + ids[q:] + reranker.suffix)
-    return out
+def pairs_of_length(length: int, count: int, vocab: int, seed: int = 0) -> Encoded:
+    """`count` pair inputs of exactly `length` tokens: <s> q </s></s> d </s> with random ids."""
+    rng = np.random.default_rng(seed)
+    body = rng.integers(5, vocab - 1, size=(count, length), dtype=np.int32)
+    body[:, 0] = 0
+    q = max(1, min(32, (length - 4) // 4))
+    body[:, q + 1] = body[:, q + 2] = 2
+    body[:, -1] = 2
+    return Encoded(lengths=np.full(count, length, dtype=np.int32), ids=body.reshape(-1),
+                   owners=np.arange(count, dtype=np.int32), documents=count)
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
         torch.cuda.synchronize()
 
 
-def measure(reranker, pairs: list[list[int]], budget: int, min_seconds: float) -> float:
-    """Seconds per pass over `pairs` (best of the passes made within `min_seconds`, after warm-up)."""
-    score_encoded(reranker, pairs[: max(1, len(pairs) // 8)], budget)
-    sync(reranker.device)
+def measure(batcher: Batcher, encoded: Encoded, min_seconds: float, device: str) -> float:
+    """Seconds per pass over `encoded` as one request (best of the passes within `min_seconds`)."""
+    batcher.submit(encoded.lengths[: max(1, encoded.pairs // 8)],
+                   encoded.ids[: int(encoded.lengths[: max(1, encoded.pairs // 8)].sum())]).wait()
+    sync(device)
     best, spent = float("inf"), 0.0
     while spent < min_seconds or best == float("inf"):
         started = time.perf_counter()
-        score_encoded(reranker, pairs, budget)
-        sync(reranker.device)
+        batcher.submit(encoded.lengths, encoded.ids).wait()
+        sync(device)
         took = time.perf_counter() - started
         best, spent = min(best, took), spent + took
     return best
 
 
-def through_batcher(reranker, pairs: list[list[int]], budget: int, clients: int, per_request: int) -> float:
-    """Seconds to score `pairs` sent as many concurrent requests through the worker's batcher."""
-    batcher = Batcher(reranker.launch, collate=reranker.collate, finish=reranker.finish,
-                      max_batch_tokens=budget).start()
-    requests = [pairs[i : i + per_request] for i in range(0, len(pairs), per_request)]
+def through_clients(batcher: Batcher, encoded: Encoded, clients: int, per_request: int) -> float:
+    """Seconds to score the pairs sent as many concurrent requests of `per_request` pairs."""
+    length = int(encoded.lengths[0])
+    ids = encoded.ids.reshape(encoded.pairs, length)
+    requests = [slice(i, min(i + per_request, encoded.pairs)) for i in range(0, encoded.pairs, per_request)]
     lock = threading.Lock()
 
     def client() -> None:
@@ -91,90 +99,135 @@ def through_batcher(reranker, pairs: list[list[int]], budget: int, clients: int,
             with lock:
                 if not requests:
                     return
-                req = requests.pop()
-            batcher.submit(req, priority=REALTIME).wait()
+                part = requests.pop()
+            rows = ids[part]
+            batcher.submit(np.full(len(rows), length, dtype=np.int32), rows.reshape(-1), priority=REALTIME).wait()
 
-    try:
-        threads = [threading.Thread(target=client) for _ in range(clients)]
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    started = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - started
+
+
+def time_shape(backend, rows: int, width: int, vocab: int, repeats: int = 5) -> tuple[float, float]:
+    """Median (launch ms, total ms) of one forward pass of this shape."""
+    batch = PaddedBatch(ids=np.random.default_rng(rows * width).integers(5, vocab - 1, size=(rows, width)),
+                        lengths=np.full(rows, width, dtype=np.int32))
+    prepared = backend.prepare(batch)
+    backend.finish(backend.launch(prepared))  # warm
+    launches, totals = [], []
+    for _ in range(repeats):
         started = time.perf_counter()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        return time.perf_counter() - started
-    finally:
-        batcher.stop()
+        handle = backend.launch(prepared)
+        launched = time.perf_counter()
+        backend.finish(handle)
+        done = time.perf_counter()
+        launches.append((launched - started) * 1000)
+        totals.append((done - started) * 1000)
+    return statistics.median(launches), statistics.median(totals)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.gpu", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--device", default="cuda", help="cuda, cuda:N, cpu, or sim (simulated: labelled so)")
     parser.add_argument("--archs", default="base,large,v2-m3")
     parser.add_argument("--dtypes", default="float16,bfloat16")
     parser.add_argument("--tokens-per-run", type=int, default=4_000_000, help="tokens scored per timed pass")
     parser.add_argument("--budget", type=int, default=65536, help="MAX_BATCH_TOKENS (padded tokens per pass)")
+    parser.add_argument("--graph-max-tokens", type=int, default=8192, help="CUDA_GRAPH_MAX_TOKENS")
+    parser.add_argument("--cuda-graphs", default="on", choices=["on", "off", "both"])
     parser.add_argument("--min-seconds", type=float, default=3.0)
     parser.add_argument("--lengths", help="tokens per pair to measure, e.g. 512,8192 (default: per model)")
+    parser.add_argument("--shapes", action="store_true", help="also time single passes by shape, eager and graph")
     parser.add_argument("--quick", action="store_true", help="tiny shapes, for checking the script itself")
     parser.add_argument("--out", help="JSON file (default bench/results/gpu-<date>.json)")
     args = parser.parse_args(argv)
     if args.quick:
         args.tokens_per_run, args.min_seconds, args.budget = 4096, 0.1, 2048
 
-    device = torch.device(args.device)
     rows: list[dict] = []
+    shapes: dict[str, list[dict]] = {}
+    graphs_info: dict[str, dict] = {}
     tmp = Path(tempfile.mkdtemp(prefix="rerank-gpu-bench-"))
     for arch in args.archs.split(","):
-        folder = build_model(tmp / arch, "tiny" if args.quick else arch)
+        folder = build_model(tmp / arch, "tiny" if args.quick else arch, weights=args.device != "sim")
         for dtype in args.dtypes.split(","):
-            if device.type == "cpu" and dtype == "float16":
+            if args.device == "cpu" and dtype == "float16":
                 continue
-            reranker = load_reranker(str(folder), device=str(device), dtype=dtype,
-                                     max_length=8192 if arch == "v2-m3" and not args.quick else 512)
-            lengths = [int(x) for x in args.lengths.split(",")] if args.lengths else LENGTHS[arch]
-            for length in lengths if not args.quick else [128]:
-                if length > reranker.limit:
-                    continue
-                budget = max(args.budget, length)
-                count = max(budget // length, args.tokens_per_run // length)
-                pairs = pairs_of_length(reranker, length, count)
-                seconds = measure(reranker, pairs, budget, args.min_seconds)
-                flops = flops_per_pair(reranker.model, arch, length) * count / seconds
-                row = {"arch": arch, "dtype": dtype, "tokens_per_pair": length, "pairs": count,
-                       "batch_pairs": budget // length, "pairs_per_s": count / seconds,
-                       "tokens_per_s": count * length / seconds, "tflops": flops / 1e12,
-                       "mfu": flops / PEAK_FLOPS}
-                if length == 256 or args.quick:
-                    took = through_batcher(reranker, pairs, budget, clients=32, per_request=20)
-                    row["batcher_pairs_per_s"] = count / took
-                if device.type == "cpu":
-                    import resource
-
-                    row["max_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
-                rows.append(row)
-                print(f"{arch:6} {dtype:8} L={length:5} {row['pairs_per_s']:9.4g} pairs/s "
-                      f"({1 / row['pairs_per_s']:.3g} s a pair) {row['tokens_per_s'] / 1e6:7.4g} Mtok/s {row['tflops']:6.1f} TFLOP/s "
-                      f"MFU {100 * row['mfu']:5.1f} %"
-                      + (f"  batcher {row['batcher_pairs_per_s']:.0f} pairs/s" if "batcher_pairs_per_s" in row else ""),
-                      flush=True)
-            if device.type == "cuda":  # peak GPU memory of this model and dtype, weights included
-                peak = torch.cuda.max_memory_allocated() / 2**30
-                for row in rows:
-                    if row["arch"] == arch and row["dtype"] == dtype:
-                        row["max_memory_gib"] = round(peak, 2)
-            del reranker
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats()
+            modes = {"on": [True], "off": [False], "both": [False, True]}[args.cuda_graphs]
+            for graphs in modes:
+                config = EngineConfig(source=str(folder), device=args.device, dtype=dtype,
+                                      max_length=8192 if arch == "v2-m3" and not args.quick else 512,
+                                      max_batch_tokens=args.budget, cuda_graphs=graphs,
+                                      graph_max_tokens=args.graph_max_tokens,
+                                      sim_profile=None if not args.quick else "base")
+                backend = load_backend(config)
+                started = time.perf_counter()
+                backend.warm_up(args.budget)
+                info = backend.describe()
+                label = f"{arch}/{dtype}/graphs={'on' if graphs else 'off'}"
+                graphs_info[label] = {**info, "warm_up_seconds": round(time.perf_counter() - started, 2)}
+                print(f"{label}: {info}", flush=True)
+                vocab = 1000 if args.quick else 250002
+                limit = 8192 if arch == "v2-m3" and not args.quick else 512
+                lengths = [int(x) for x in args.lengths.split(",")] if args.lengths else LENGTHS[arch]
+                batcher = Batcher(backend, max_batch_tokens=args.budget).start()
+                try:
+                    for length in lengths if not args.quick else [128]:
+                        if length > limit:
+                            continue
+                        budget = max(args.budget, length)
+                        count = max(budget // length, args.tokens_per_run // length)
+                        encoded = pairs_of_length(length, count, vocab)
+                        seconds = measure(batcher, encoded, args.min_seconds, args.device)
+                        flops = flops_per_pair(arch, length) * count / seconds
+                        row = {"arch": arch, "dtype": dtype, "cuda_graphs": graphs, "tokens_per_pair": length,
+                               "pairs": count, "batch_pairs": budget // length, "pairs_per_s": count / seconds,
+                               "tokens_per_s": count * length / seconds, "tflops": flops / 1e12,
+                               "mfu": flops / PEAK_FLOPS, "simulated": args.device == "sim"}
+                        if length == 256 or args.quick:
+                            took = through_clients(batcher, encoded, clients=64, per_request=20)
+                            row["concurrent_20_pair_requests_pairs_per_s"] = count / took
+                        if args.device.startswith("cuda"):
+                            row["max_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+                        rows.append(row)
+                        print(f"{label:28} L={length:5} {row['pairs_per_s']:9.4g} pairs/s "
+                              f"{row['tokens_per_s'] / 1e6:7.4g} Mtok/s {row['tflops']:6.1f} TFLOP/s "
+                              f"MFU {100 * row['mfu']:5.1f} %"
+                              + (f"  64 clients x 20: {row['concurrent_20_pair_requests_pairs_per_s']:.0f} pairs/s"
+                                 if "concurrent_20_pair_requests_pairs_per_s" in row else "")
+                              + ("  (SIMULATED)" if args.device == "sim" else ""), flush=True)
+                finally:
+                    batcher.stop()
+                if args.shapes:
+                    table = shapes.setdefault(f"{arch}/{dtype}", [])
+                    for r in SHAPE_ROWS if not args.quick else [1, 4]:
+                        for w in SHAPE_WIDTHS[arch] if not args.quick else [16, 64]:
+                            if r * w * max(1, w / 512) > 4 * args.budget:
+                                continue
+                            launch, total = time_shape(backend, r, w, vocab)
+                            table.append({"rows": r, "width": w, "cuda_graphs": graphs,
+                                          "launch_ms": round(launch, 3), "total_ms": round(total, 3)})
+                            print(f"  {label} {r:5} x {w:5}: launch {launch:7.3f} ms, total {total:8.3f} ms", flush=True)
+                del backend
+                if args.device.startswith("cuda"):
+                    torch.cuda.empty_cache()
+                    torch.cuda.reset_peak_memory_stats()
 
     report = {
-        "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
+        "device": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else args.device,
+        "simulated": args.device == "sim",
         "torch": torch.__version__,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "budget_tokens": args.budget,
         "peak_flops": PEAK_FLOPS,
+        "backends": graphs_info,
         "rows": rows,
+        "shapes": shapes,
     }
     out = Path(args.out) if args.out else ROOT / "bench" / "results" / f"gpu-{report['date'][:10]}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

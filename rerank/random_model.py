@@ -84,8 +84,13 @@ def build_tokenizer(vocab_size: int = 4000, seed: int = 0):
     )
 
 
-def build_model(out_dir: str | Path, arch: str = "tiny", seed: int = 0, vocab_size: int | None = None) -> Path:
-    """Save a random reranker of `arch` (tokenizer included) to `out_dir` and return the path."""
+def build_model(out_dir: str | Path, arch: str = "tiny", seed: int = 0, vocab_size: int | None = None,
+                weights: bool = True) -> Path:
+    """Save a random reranker of `arch` (tokenizer included) to `out_dir` and return the path.
+
+    `weights=False` saves the config and tokenizer only: enough for `DEVICE=sim`, which never
+    loads weights, and quick to write even for the large architectures.
+    """
     import torch
     from transformers import XLMRobertaConfig, XLMRobertaForSequenceClassification
 
@@ -106,9 +111,13 @@ def build_model(out_dir: str | Path, arch: str = "tiny", seed: int = 0, vocab_si
         # Wider than the usual 0.02 so random scores spread out and orderings are meaningful.
         initializer_range=0.2 if arch in ("tiny", "small") else 0.02,
     )
-    torch.manual_seed(seed)
-    model = XLMRobertaForSequenceClassification(config).eval()
-    model.save_pretrained(out)
+    if weights:
+        torch.manual_seed(seed)
+        model = XLMRobertaForSequenceClassification(config).eval()
+        model.save_pretrained(out)
+    else:
+        config.architectures = ["XLMRobertaForSequenceClassification"]
+        config.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
 

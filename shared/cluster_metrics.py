@@ -24,8 +24,8 @@ class ClusterCollector:
         models = [spec.name for spec in self._settings.served_models]
         workers = GaugeMetricFamily("rerank_workers", "Live workers per model", labels=["model"])
         depth = GaugeMetricFamily("rerank_queue_depth", "Tasks waiting in a queue", labels=["model", "queue"])
-        pending = GaugeMetricFamily("rerank_pending_pairs", "Realtime pairs admitted, not yet answered",
-                                    labels=["model"])
+        pending = GaugeMetricFamily("rerank_pending_tokens",
+                                    "Realtime work admitted, not yet answered (padded tokens)", labels=["model"])
         snapshots: list[tuple[str, list[dict]]] = []
         try:
             for model in models:

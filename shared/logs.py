@@ -30,12 +30,17 @@ class _RequestId(logging.Filter):
 
 
 def configure_logging(settings: Settings) -> None:
+    setup_logging(settings.log_level, settings.log_json)
+
+
+def setup_logging(level: str, json_lines: bool) -> None:
+    """The same set-up from plain values (the engine process has no settings object)."""
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(_RequestId())
-    handler.setFormatter(JsonFormatter(JSON) if settings.log_json else logging.Formatter(PLAIN))
+    handler.setFormatter(JsonFormatter(JSON) if json_lines else logging.Formatter(PLAIN))
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(settings.log_level.upper())
+    root.setLevel(level.upper())
     if root.level > logging.DEBUG:
         # One line per task received and per task done is noise at thousands of calls a second.
         for name in ("celery.worker.strategy", "celery.app.trace"):

@@ -39,7 +39,7 @@ def worker_key(worker_id: str) -> str:
 
 
 def pending_keys(model: str) -> list[str]:
-    """Realtime calls admitted but not yet answered (backpressure): deadlines, pair counts, total.
+    """Realtime calls admitted but not yet answered (backpressure): deadlines, costs, total cost.
 
     A call leaves when its caller stops waiting, so a worker can tell whether anyone still wants
     an answer (`HEXISTS` on the second key).

@@ -280,6 +280,7 @@ class ScoreReply(BaseModel):
 
     logits: list[float] | None = None
     chunks: list[int] | None = None
+    truncated: list[bool] | None = None  # chunked documents longer than their windows
     input_tokens: int = 0
     error: str | None = None
     status: int | None = None

@@ -79,8 +79,10 @@ class Settings(BaseSettings):
     sync_timeout: float = Field(default=25.0, gt=0, description="Seconds before a sync call is 504.")
     max_documents: int = Field(default=2048, ge=1)
     max_request_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
-    max_pending_pairs: int | None = Field(
-        default=None, ge=1, description="Realtime pairs pending per model before 429; unset = auto."
+    max_pending_tokens: int | None = Field(
+        default=None, ge=1,
+        description="Realtime work (padded tokens) pending per model before 429; unset = what the workers "
+                    "score within SYNC_TIMEOUT.",
     )
 
     metrics_auth: bool = Field(default=False, description="Put /metrics behind the token too.")
@@ -105,12 +107,21 @@ class Settings(BaseSettings):
     )
 
     # --- worker -------------------------------------------------------------------------------
-    device: str = Field(default="auto", description="auto, cpu, cuda or cuda:N.")
+    device: str = Field(default="auto", description="auto, cpu, cuda, cuda:N, or sim (a simulated H100).")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     max_batch_tokens: int | None = Field(
         default=None, ge=1, description="Padded tokens per forward pass; unset = by device."
     )
-    batch_wait_ms: float = Field(default=2.0, ge=0, description="Most a batch waits for company.")
+    engine_process: bool = Field(
+        default=True, description="Run the model in a process of its own, apart from Celery and tokenizing."
+    )
+    cuda_graphs: bool = Field(default=True, description="Replay captured CUDA graphs for small batches.")
+    cuda_graph_max_tokens: int = Field(
+        default=8192, ge=16, description="Largest batch (padded tokens) that gets a CUDA graph."
+    )
+    sim_profile: Literal["base", "large", "v2-m3"] | None = Field(
+        default=None, description="DEVICE=sim: the H100 timing table; unset = the one matching the model."
+    )
     worker_concurrency: int = Field(default=32, ge=1, description="Celery threads per worker.")
     torch_threads: int | None = Field(default=None, ge=1, description="CPU threads for torch.")
     gpus: str = Field(

@@ -28,11 +28,21 @@ def model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def reranker(model_dir):
-    """The tiny model loaded in-process through the worker's real loading code."""
-    from worker.model import load_reranker
+def tokenizer(model_dir):
+    """The tiny model's tokenizer as transformers loads it (to build texts of given token counts)."""
+    from transformers import AutoTokenizer
 
-    return load_reranker(str(model_dir), device="cpu")
+    return AutoTokenizer.from_pretrained(str(model_dir))
+
+
+@pytest.fixture(scope="session")
+def engine(model_dir) -> Iterator:
+    """The tiny model behind the real engine, in-process (the worker runs the same in a process)."""
+    from engine import Engine, EngineConfig
+
+    started = Engine.start(EngineConfig(source=str(model_dir), device="cpu"))
+    yield started
+    started.stop()
 
 
 @pytest.fixture(scope="session")

@@ -46,11 +46,11 @@ def test_fastgpt_model_test_call(api):
     assert result["index"] == 0 and 0 < result["relevance_score"] < 1
 
 
-def test_scores_equal_cross_encoder(api, model_dir, reranker):
+def test_scores_equal_cross_encoder(api, model_dir, tokenizer):
     from sentence_transformers import CrossEncoder
 
     rng = random.Random(11)
-    docs = documents_of_length(reranker.tokenizer, [rng.randint(0, 350) for _ in range(30)], seed=5)
+    docs = documents_of_length(tokenizer, [rng.randint(0, 350) for _ in range(30)], seed=5)
     query = "redis worker 的 latency"
     expected = CrossEncoder(str(model_dir), device="cpu").predict([(query, d) for d in docs])
     r = api.post("/v1/rerank", {"model": "tiny", "query": query, "documents": docs})

@@ -98,7 +98,7 @@ def hard(model_dir, tmp_path_factory) -> Hard:
     redis_proc, url = start_redis(log_dir, port=port, data_dir=data / "redis")
     env = base_env(REDIS_URL=url, MODELS=f"tiny={model_dir},broken={data}/missing-model",
                    ACCESS_TOKEN=",".join(TOKENS), SYNC_TIMEOUT=str(SYNC_TIMEOUT), MAX_DOCUMENTS="64",
-                   MAX_REQUEST_BYTES="262144", MAX_PENDING_PAIRS="400", HEARTBEAT_INTERVAL="0.5",
+                   MAX_REQUEST_BYTES="262144", MAX_PENDING_TOKENS="16000", HEARTBEAT_INTERVAL="0.5",
                    VISIBILITY_TIMEOUT="5", WORKER_CONCURRENCY="16", DATA_DIR=str(data), JOB_PIECE_PAIRS="40",
                    API_THREADS="32", LOG_LEVEL="INFO")
     worker = start_worker("hard-worker", env, log_dir, "tiny")

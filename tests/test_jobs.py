@@ -233,10 +233,10 @@ def test_realtime_call_is_answered_while_a_job_runs(api):
           f"job at {during['progress']['percent']}% after the calls")
 
 
-def test_jobs_take_the_long_document_options_of_the_sync_endpoint(api, reranker):
+def test_jobs_take_the_long_document_options_of_the_sync_endpoint(api, tokenizer):
     from rerank.random_model import documents_of_length
 
-    long_doc = documents_of_length(reranker.tokenizer, [1500], seed=9)[0]
+    long_doc = documents_of_length(tokenizer, [1500], seed=9)[0]
     options = {"chunking": {"overlap": 16, "max_chunks": 8}, "return_chunks": True, "raw_scores": True}
     items = [{"id": "long", "query": "which part", "documents": [long_doc, "short"]}]
     job_id = submit(api, items, **options)

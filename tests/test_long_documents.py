@@ -5,77 +5,118 @@ from __future__ import annotations
 import math
 import threading
 
+import numpy as np
 import pytest
 import requests
 import torch
 
+from engine import DocumentPolicy, Encoded, InputTooLong
+from engine.backends.torch_eager import TorchBackend
+from engine.batcher import Batcher
+from engine.encoding import best_per_document, window_starts
 from rerank.random_model import documents_of_length
-from worker.batching import Batcher
-from worker.scoring import (
-    DocumentPolicy,
-    InputTooLong,
-    best_per_document,
-    encode_documents,
-    score_encoded,
-    windows,
-)
 
 
 @pytest.fixture(scope="module")
-def long_doc(reranker) -> str:
-    return documents_of_length(reranker.tokenizer, [1500], seed=21)[0]
+def long_doc(tokenizer) -> str:
+    return documents_of_length(tokenizer, [1500], seed=21)[0]
 
 
-def doc_tokens(reranker, text):
-    return reranker.tokenizer(text, add_special_tokens=False)["input_ids"]
+def doc_tokens(tokenizer, text):
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def windows(tokens, size, overlap, max_chunks=1000, direction="right"):
+    starts, _ = window_starts(len(tokens), size, overlap, max_chunks, direction)
+    return [tokens[s : s + size] for s in starts]
 
 
 @pytest.mark.parametrize("n, size, overlap", [(10, 4, 1), (11, 4, 1), (5, 4, 0), (1000, 100, 30), (3, 8, 2)])
-def test_windows_cover_the_document_with_the_overlap(n, size, overlap):
+@pytest.mark.parametrize("direction", ["right", "left"])
+def test_windows_cover_the_document_with_the_overlap(n, size, overlap, direction):
     tokens = list(range(n))
-    parts = windows(tokens, size, overlap, max_chunks=1000, direction="right")
+    parts = windows(tokens, size, overlap, direction=direction)
     assert all(len(p) == min(size, n) for p in parts)
     assert sorted({t for p in parts for t in p}) == tokens
     for a, b in zip(parts, parts[1:]):
         assert a[0] < b[0] and len(set(a) & set(b)) >= min(overlap, size // 2)
 
 
-def test_chunked_score_is_the_max_of_each_window_scored_alone(reranker, long_doc):
+def test_windows_are_laid_from_the_kept_end_and_say_when_they_stop():
+    right, cut = window_starts(1000, 100, 30, 3, "right")
+    assert right == [0, 70, 140] and cut
+    left, cut = window_starts(1000, 100, 30, 3, "left")
+    assert left == [760, 830, 900] and cut  # the mirror image: the last window ends on the last token
+    assert window_starts(150, 100, 30, 3, "right") == ([0, 50], False)
+
+
+def test_chunked_score_is_the_max_of_each_window_scored_alone(engine, tokenizer, long_doc):
     policy = DocumentPolicy(chunk_overlap=16, max_chunks=64)
     query = "which part talks about the queue"
-    sequences, owners = encode_documents(reranker, query, ["short one", long_doc], 128, policy)
-    logits = score_encoded(reranker, sequences, 2048)
-    best, chunks = best_per_document(logits, owners, 2)
-    assert chunks[0] == 1 and chunks[1] > 10
-    q_ids = reranker.query_ids(query, 128)
-    room = reranker.room(q_ids, 128)
-    alone = [reranker.forward([reranker.pair(q_ids, w)])[0]
-             for w in windows(doc_tokens(reranker, long_doc), room, 16, 64, "right")]
+    enc = engine.encoder
+    encoded = enc.encode(query, ["short one", long_doc], policy, max_length=128)
+    best, chunks = best_per_document(engine.run(encoded), encoded)
+    assert chunks[0] == 1 and chunks[1] > 10 and not encoded.truncated.any()
+    q_ids = enc.query_ids(query, 128)
+    room = enc.room(q_ids, 128)
+    alone = [engine.run(Encoded.from_sequences([enc.pair(q_ids, w)]))[0] for w in windows(doc_tokens(tokenizer, long_doc), room, 16, 64)]
     assert len(alone) == chunks[1]
     assert abs(best[1] - max(alone)) < 1e-5
     # Without chunking the document is cut FlagEmbedding's way: only its first window counts.
-    (plain,) = score_encoded(reranker, reranker.encode(query, [long_doc], 128), 2048)
+    (plain,) = engine.run(enc.encode(query, [long_doc], max_length=128))
     assert abs(plain - alone[0]) < 1e-5
+    # With fewer windows than the document needs, the answer says it was truncated.
+    few = enc.encode(query, ["short one", long_doc], DocumentPolicy(chunk_overlap=16, max_chunks=3), max_length=128)
+    assert few.truncated.tolist() == [False, True] and few.pairs == 4
 
 
-def test_left_truncation_and_max_tokens_per_doc(reranker, long_doc):
-    tokens = doc_tokens(reranker, long_doc)
-    q_ids = reranker.query_ids("q", 128)
-    room = reranker.room(q_ids, 128)
-    (left,), _ = encode_documents(reranker, "q", [long_doc], 128, DocumentPolicy(direction="left"))
-    assert left == reranker.pair(q_ids, tokens[-room:])
-    (capped,), _ = encode_documents(reranker, "q", [long_doc], 512, DocumentPolicy(max_doc_tokens=40))
-    assert capped == reranker.pair(reranker.query_ids("q", 512), tokens[:40])
+def test_left_truncation_and_max_tokens_per_doc(engine, tokenizer, long_doc):
+    enc = engine.encoder
+    tokens = doc_tokens(tokenizer, long_doc)
+    q_ids = enc.query_ids("q", 128)
+    room = enc.room(q_ids, 128)
+    (left,) = enc.encode("q", [long_doc], DocumentPolicy(direction="left"), max_length=128).sequences()
+    assert left == enc.pair(q_ids, tokens[-room:])
+    (capped,) = enc.encode("q", [long_doc], DocumentPolicy(max_doc_tokens=40)).sequences()
+    assert capped == enc.pair(enc.query_ids("q", 512), tokens[:40])
     with pytest.raises(InputTooLong):
-        encode_documents(reranker, "q", [long_doc], 128, DocumentPolicy(truncate=False))
+        enc.encode("q", [long_doc], DocumentPolicy(truncate=False), max_length=128)
 
 
-def test_out_of_memory_in_the_scoring_path_is_recovered_by_splitting(reranker, monkeypatch):
-    """A real Reranker whose model runs out of memory on batches of more than two pairs."""
-    texts = documents_of_length(reranker.tokenizer, [30, 60, 90, 120, 150, 180, 210], seed=3)
-    encoded = reranker.encode("q", texts)
-    expected = [reranker.forward([seq])[0] for seq in encoded]
-    real_forward = reranker.model.forward
+@pytest.fixture(scope="module")
+def huge_doc(engine, tokenizer) -> tuple[str, list[int]]:
+    """About 900 000 characters, and all its tokens."""
+    huge = " ".join([documents_of_length(tokenizer, [3000], seed=5)[0]] * 200)
+    return huge, engine.encoder.tokenize([huge])[0]
+
+
+@pytest.mark.parametrize("policy", [DocumentPolicy(), DocumentPolicy(direction="left"),
+                                    DocumentPolicy(chunk_overlap=32, max_chunks=4),
+                                    DocumentPolicy(chunk_overlap=32, max_chunks=4, direction="left")])
+def test_huge_documents_are_cut_before_tokenizing_without_changing_any_pair(engine, huge_doc, policy):
+    """Only text within reach of the kept tokens is tokenized (a 15 MB document must not stall a
+    worker), and the pair inputs are exactly those of the whole text tokenized."""
+    enc = engine.encoder
+    huge, whole = huge_doc
+    q_ids = enc.query_ids("q", 512)
+    room = enc.room(q_ids, 512)
+    got = enc.encode("q", [huge], policy)
+    if policy.chunk_overlap is None:
+        kept = whole[-room:] if policy.direction == "left" else whole[:room]
+        assert got.sequences() == [enc.pair(q_ids, kept)]
+    else:
+        expected = [enc.pair(q_ids, w) for w in windows(whole, room, 32, 4, policy.direction)]
+        assert got.sequences() == expected and got.truncated.tolist() == [True]
+    assert got.characters < len(huge) / 10  # most of the text was never tokenized
+
+
+def test_out_of_memory_in_the_scoring_path_is_recovered_by_splitting(engine, tokenizer, monkeypatch):
+    """The real torch backend whose model runs out of memory on batches of more than two pairs."""
+    backend: TorchBackend = engine.scorer.batcher.backend
+    texts = documents_of_length(tokenizer, [30, 60, 90, 120, 150, 180, 210], seed=3)
+    encoded = engine.encoder.encode("q", texts)
+    expected = engine.run(encoded)
+    real_forward = backend.model.forward
     tried, ran = [], []
 
     def forward(*args, **kwargs):
@@ -86,23 +127,22 @@ def test_out_of_memory_in_the_scoring_path_is_recovered_by_splitting(reranker, m
         ran.append(rows)
         return real_forward(*args, **kwargs)
 
-    monkeypatch.setattr(reranker.model, "forward", forward)
-    batcher = Batcher(reranker.launch, collate=reranker.collate, finish=reranker.finish,
-                      max_batch_tokens=100_000).start()
+    monkeypatch.setattr(backend.model, "forward", forward)
+    batcher = Batcher(backend, max_batch_tokens=100_000).start()
     try:
-        got = batcher.submit(encoded).wait(30)
+        got = batcher.submit(encoded.lengths, encoded.ids).wait(30)
     finally:
         batcher.stop()
     assert tried[0] == 7 and max(ran) <= 2 and sum(ran) == 7  # tried whole, then recovered in halves
-    assert max(abs(a - b) for a, b in zip(got, expected)) < 1e-5
+    assert np.max(np.abs(got - expected)) < 1e-5
 
 
 # --- over HTTP --------------------------------------------------------------------------------------
 
 
 @pytest.mark.stack
-def test_20000_token_document_is_scored_not_rejected(api, reranker):
-    huge = documents_of_length(reranker.tokenizer, [20000], seed=4)[0]
+def test_20000_token_document_is_scored_not_rejected(api, tokenizer):
+    huge = documents_of_length(tokenizer, [20000], seed=4)[0]
     r = api.post("/v1/rerank", {"query": "needle", "documents": [huge, "small"]})
     assert r.status_code == 200, r.text
     r = api.post("/v1/rerank", {"query": "needle", "documents": [huge, "small"], "chunking": True,
@@ -116,13 +156,12 @@ def test_20000_token_document_is_scored_not_rejected(api, reranker):
 
 
 @pytest.mark.stack
-def test_chunking_over_http_equals_the_in_process_maximum(api, reranker, long_doc):
+def test_chunking_over_http_equals_the_in_process_maximum(api, engine, long_doc):
     body = {"query": "queue", "documents": [long_doc], "chunking": {"overlap": 8, "max_chunks": 3},
             "raw_scores": True, "return_chunks": True}
     (result,) = api.post("/v1/rerank", body).json()["results"]
-    sequences, owners = encode_documents(reranker, "queue", [long_doc], None,
-                                         DocumentPolicy(chunk_overlap=8, max_chunks=3))
-    best, chunks = best_per_document(score_encoded(reranker, sequences, 2048), owners, 1)
+    scores = engine.score("queue", [long_doc], DocumentPolicy(chunk_overlap=8, max_chunks=3))
+    best, chunks = scores.logits, scores.chunks
     assert result["chunks"] == chunks[0] == 3
     assert abs(result["relevance_score"] - best[0]) < 1e-5
 
@@ -142,19 +181,19 @@ def test_tei_rerank_answers_a_bare_sorted_array(api):
 
 
 @pytest.mark.stack
-def test_tei_errors_have_tei_statuses_and_shape(api, multi_api, reranker):
+def test_tei_errors_have_tei_statuses_and_shape(api, multi_api, tokenizer):
     cases = [
         ({"query": "q", "texts": []}, 422, "Validation"),
         ({"query": "q"}, 422, "Validation"),
         ({"query": "q", "texts": ["a"] * 65}, 422, "Validation"),
-        ({"query": "q", "texts": [documents_of_length(reranker.tokenizer, [900])[0]], "truncate": False},
+        ({"query": "q", "texts": [documents_of_length(tokenizer, [900])[0]], "truncate": False},
          413, "Validation"),
     ]
     for body, status, kind in cases:
         r = api.post("/rerank", body)
         assert (r.status_code, r.json().get("error_type")) == (status, kind), r.text
         assert set(r.json()) == {"error", "error_type"}
-    long_ok = api.post("/rerank", {"query": "q", "texts": [documents_of_length(reranker.tokenizer, [900])[0]],
+    long_ok = api.post("/rerank", {"query": "q", "texts": [documents_of_length(tokenizer, [900])[0]],
                                    "truncate": True})
     assert long_ok.status_code == 200
     r = api.post("/rerank", data=b"{oops", headers={"Content-Type": "application/json"})
@@ -174,7 +213,7 @@ def test_tei_info_is_public_and_describes_a_reranker(api):
 
 
 @pytest.mark.stack
-def test_concurrent_chunked_and_plain_calls_keep_their_own_results(api, reranker, long_doc):
+def test_concurrent_chunked_and_plain_calls_keep_their_own_results(api, long_doc):
     outcomes = {}
 
     def call(name, body):

@@ -66,7 +66,7 @@ def test_metrics_cover_api_queues_and_workers(api):
     assert 'status="422"' in text and "rerank_http_request_seconds_bucket" in text
     assert 'rerank_workers{model="tiny"} 1.0' in text
     assert 'rerank_queue_depth{model="tiny",queue="realtime"}' in text
-    assert 'rerank_pending_pairs{model="tiny"}' in text
+    assert 'rerank_pending_tokens{model="tiny"}' in text
     samples = [line for line in text.splitlines() if not line.startswith("#")]
     for name in ("rerank_batch_tokens_bucket", "rerank_batch_seconds_sum", "rerank_pairs_scored_total",
                  "rerank_tokens_scored_total", "rerank_worker_tasks_total"):

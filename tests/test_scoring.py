@@ -1,76 +1,138 @@
-"""The scoring path without any server: loading, FlagEmbedding truncation, batching, parity."""
+"""The scoring path without any server: encoding, batching, backends, the engine process."""
 
 from __future__ import annotations
 
+import math
 import random
 import threading
+import time
 
+import numpy as np
 import pytest
-
-from rerank.random_model import documents_of_length, sentence
 from hypothesis import given
 from hypothesis import strategies as st
 
-from worker.batching import BULK, REALTIME, Batcher, Expired, padded_cost, pick_around, plan_batches
-from worker.scoring import ScoringSettings, encode_pairs, score_encoded, score_pairs
+from engine import BULK, REALTIME, Encoded, Engine, EngineConfig
+from engine.backends import OutOfMemory, PaddedBatch, forward, load_backend
+from engine.backends.buckets import Buckets, pad_to
+from engine.batcher import Batcher, Cancelled, Expired, padded_cost, pick_around, plan_batches
+from rerank.random_model import documents_of_length, sentence
 
 
 @pytest.fixture(scope="module")
-def pairs(reranker):
+def pairs(tokenizer):
     rng = random.Random(7)
-    docs = documents_of_length(reranker.tokenizer, [rng.randint(1, 300) for _ in range(40)], seed=3)
+    docs = documents_of_length(tokenizer, [rng.randint(1, 300) for _ in range(40)], seed=3)
     queries = [sentence(rng, 4) for _ in range(3)]
     return [(queries[i % 3], d) for i, d in enumerate(docs)] + [("short query", "")]
 
 
-def test_scores_match_sentence_transformers_cross_encoder(model_dir, reranker, pairs):
+def backend_of(engine: Engine):
+    return engine.scorer.batcher.backend
+
+
+def run(batcher: Batcher, encoded: Encoded, **kwargs) -> np.ndarray:
+    return batcher.submit(encoded.lengths, encoded.ids, **kwargs).wait(30)
+
+
+def test_scores_match_sentence_transformers_cross_encoder(model_dir, engine, pairs):
     from sentence_transformers import CrossEncoder
 
     expected = CrossEncoder(str(model_dir), device="cpu").predict(pairs)
-    got = score_pairs(reranker, pairs)
+    got = engine.score_pairs(pairs)
     assert len(got) == len(pairs)
     assert max(abs(a - float(b)) for a, b in zip(got, expected)) < 1e-5
     assert all(0.0 < s < 1.0 for s in got)
 
 
-def test_raw_scores_are_logits_whose_sigmoid_is_the_score(reranker, pairs):
-    import math
-
-    logits = score_pairs(reranker, pairs, ScoringSettings(normalize=False))
-    scores = score_pairs(reranker, pairs)
-    assert any(x < 0 or x > 1 for x in logits) or len(set(logits)) > 1
+def test_raw_scores_are_logits_whose_sigmoid_is_the_score(engine, pairs):
+    logits = engine.score_pairs(pairs, normalize=False)
+    scores = engine.score_pairs(pairs)
+    assert len(set(logits)) > 1
     assert all(abs(1 / (1 + math.exp(-x)) - s) < 1e-7 for x, s in zip(logits, scores))
 
 
-def test_scores_do_not_depend_on_batch_composition(reranker, pairs):
-    encoded = encode_pairs(reranker, pairs)
-    alone = [score_encoded(reranker, [seq], 10**9)[0] for seq in encoded]
+def test_scores_do_not_depend_on_batch_composition(engine, pairs):
+    encoded, _ = engine.encoder.encode_pairs(pairs)
+    backend = backend_of(engine)
+    sequences = encoded.sequences()
+    alone = [float(forward(backend, PaddedBatch.of([s], backend.pad_id))[0]) for s in sequences]
     for budget in (64, 700, 5000, 10**9):
-        mixed = score_encoded(reranker, encoded, budget)
-        assert max(abs(a - b) for a, b in zip(alone, mixed)) < 1e-5, budget
+        batcher = Batcher(backend, max_batch_tokens=budget).start()
+        try:
+            mixed = run(batcher, encoded)
+        finally:
+            batcher.stop()
+        assert np.max(np.abs(np.asarray(alone) - mixed)) < 1e-5, budget
 
 
-def test_truncation_follows_flagembedding(reranker):
-    tok = reranker.tokenizer
-    long_query = documents_of_length(tok, [400])[0]
-    long_doc = documents_of_length(tok, [900], seed=1)[0]
-    (seq,) = reranker.encode(long_query, [long_doc], max_length=128)
-    q_ids = tok(long_query, add_special_tokens=False)["input_ids"][: 128 * 3 // 4]
-    d_ids = tok(long_doc, add_special_tokens=False)["input_ids"]
+def test_padding_up_to_a_graph_bucket_changes_no_score(engine, pairs):
+    """CUDA graphs replay fixed shapes; a batch padded to its bucket (masked columns, one-token rows)
+    must score exactly as it does unpadded. Checked with the real model on the CPU."""
+    encoded, _ = engine.encoder.encode_pairs(pairs[:5])
+    seqs = encoded.sequences()
+    width = max(map(len, seqs))
+    batch = PaddedBatch.of(seqs, backend_of(engine).pad_id)
+    buckets = Buckets(max_tokens=8192, max_width=512)
+    rows, bucket_width = buckets.fit(batch.rows, batch.width)
+    assert rows == 8 and bucket_width >= width and bucket_width % 16 == 0
+    backend = backend_of(engine)
+    plain = forward(backend, batch)
+    padded = forward(backend, pad_to(batch, rows, bucket_width, backend.pad_id))
+    assert np.all(np.isfinite(padded)) and np.max(np.abs(padded[: batch.rows] - plain)) < 1e-5
+
+
+def test_buckets_cover_small_shapes_and_leave_big_ones_eager():
+    buckets = Buckets(max_tokens=8192, max_width=512)
+    assert buckets.fit(1, 1) == (1, 16) and buckets.fit(3, 33) == (4, 64) and buckets.fit(16, 512) == (16, 512)
+    assert buckets.fit(17, 512) is None and buckets.fit(1, 513) is None
+    shapes = buckets.shapes()
+    assert all(r * w <= 8192 for r, w in shapes) and len(shapes) == len(set(shapes))
+    assert shapes[0][0] * shapes[0][1] == max(r * w for r, w in shapes)  # largest captured first
+
+
+def test_cpu_workers_use_the_eager_backend(model_dir):
+    backend = load_backend(EngineConfig(source=str(model_dir), device="cpu", cuda_graphs=True))
+    assert backend.describe()["backend"] == "torch eager"
+
+
+def test_cuda_graph_backend_falls_back_to_eager_when_capture_fails(engine, pairs, caplog):
+    """Where graphs cannot be captured (here: no CUDA at all), the backend warns and runs eagerly."""
+    from engine.backends.cuda_graphs import CudaGraphBackend
+
+    graphs = CudaGraphBackend(backend_of(engine), max_tokens=4096)
+    graphs.warm_up(4096)
+    assert not graphs.graphs and "CUDA graph capture failed" in caplog.text
+    assert graphs.describe()["cuda_graphs"] == 0 and graphs.describe()["cuda_graphs_error"]
+    encoded, _ = engine.encoder.encode_pairs(pairs[:4])
+    batcher = Batcher(graphs, max_batch_tokens=4096).start()
+    try:
+        assert np.max(np.abs(run(batcher, encoded) - engine.run(encoded))) < 1e-6
+    finally:
+        batcher.stop()
+
+
+def test_truncation_follows_flagembedding(engine, tokenizer):
+    long_query = documents_of_length(tokenizer, [400])[0]
+    long_doc = documents_of_length(tokenizer, [900], seed=1)[0]
+    enc = engine.encoder
+    (seq,) = enc.encode(long_query, [long_doc], max_length=128).sequences()
+    q_ids = tokenizer(long_query, add_special_tokens=False)["input_ids"][: 128 * 3 // 4]
+    d_ids = tokenizer(long_doc, add_special_tokens=False)["input_ids"]
     assert len(seq) == 128
     # <s> q </s></s> p </s>: the query keeps its first 3/4 of max_length, the passage the rest.
-    assert seq[: 1 + len(q_ids)] == reranker.prefix + q_ids
-    assert seq[1 + len(q_ids) : 3 + len(q_ids)] == reranker.middle
+    assert seq[: 1 + len(q_ids)] == enc.prefix + q_ids
+    assert seq[1 + len(q_ids) : 3 + len(q_ids)] == enc.middle
     assert seq[3 + len(q_ids) : -1] == d_ids[: 128 - len(q_ids) - 4]
-    assert seq[-1:] == reranker.suffix
-    (short,) = reranker.encode("hi", [""])
-    assert short == reranker.prefix + tok("hi", add_special_tokens=False)["input_ids"] + reranker.middle + reranker.suffix
+    assert seq[-1:] == enc.suffix
+    (short,) = enc.encode("hi", [""]).sequences()
+    assert short == enc.prefix + tokenizer("hi", add_special_tokens=False)["input_ids"] + enc.middle + enc.suffix
 
 
-def test_max_length_is_capped_by_the_model(reranker):
-    doc = documents_of_length(reranker.tokenizer, [2000])[0]
-    (seq,) = reranker.encode("q", [doc], max_length=100_000)
-    assert len(seq) == reranker.limit == 512
+def test_max_length_is_capped_by_the_model(engine, tokenizer):
+    doc = documents_of_length(tokenizer, [2000])[0]
+    (seq,) = engine.encoder.encode("q", [doc], max_length=100_000).sequences()
+    assert len(seq) == engine.encoder.limit == 512
 
 
 def test_long_pairs_cost_quadratically():
@@ -99,101 +161,204 @@ def test_pick_around_holds_the_anchor_and_its_nearest_lengths(lengths, data, bud
     assert not [i for i in range(len(lengths)) if i not in picked and low < lengths[i] < high]
 
 
-def _held_forward(calls):
-    """A forward pass that blocks until released, so requests can queue up behind it."""
-    entered, gate = threading.Event(), threading.Event()
-
-    def forward(batch):
-        entered.set()
-        gate.wait(5)
-        return _fake_forward(calls)(batch)
-
-    return forward, entered, gate
+# --- the batcher with a stand-in backend ----------------------------------------------------------
 
 
-def _fake_forward(calls):
-    def forward(batch):
-        calls.append([len(s) for s in batch])
-        return [float(sum(s)) for s in batch]
+class FakeBackend:
+    """Logit = sum of the row's ids; `calls` records each batch's row lengths."""
 
-    return forward
+    pad_id = 0
+
+    def __init__(self, fail=lambda rows: None) -> None:
+        self.calls: list[list[int]] = []
+        self.fail = fail
+        self.entered = threading.Event()
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def hold(self) -> None:
+        """Make the next forward pass block until `gate` is set, so requests queue behind it."""
+        self.entered.clear()
+        self.gate.clear()
+
+    def prepare(self, batch: PaddedBatch):
+        return [batch.ids[r, :n].tolist() for r, n in enumerate(batch.lengths)]
+
+    def launch(self, rows):
+        self.entered.set()
+        self.gate.wait(5)
+        self.fail(rows)
+        self.calls.append([len(r) for r in rows])
+        return np.asarray([float(sum(r)) for r in rows], dtype=np.float32)
+
+    def finish(self, handle):
+        return handle
+
+
+def submit(batcher, seqs, **kwargs):
+    enc = Encoded.from_sequences(seqs)
+    return batcher.submit(enc.lengths, enc.ids, **kwargs)
 
 
 def test_batcher_merges_requests_and_returns_each_in_its_own_order():
-    calls = []
-    forward, entered, gate = _held_forward(calls)
-    batcher = Batcher(forward, max_batch_tokens=10_000).start()
+    backend = FakeBackend()
+    batcher = Batcher(backend, max_batch_tokens=10_000).start()
     try:
-        first = batcher.submit([[1]])
-        assert entered.wait(5)
-        tickets = [batcher.submit([[r, i] * (i + 1) for i in range(5)]) for r in range(10)]
-        gate.set()
-        assert first.wait(5) == [1.0]
+        backend.hold()
+        first = submit(batcher, [[1]])
+        assert backend.entered.wait(5)
+        tickets = [submit(batcher, [[r, i] * (i + 1) for i in range(5)]) for r in range(10)]
+        backend.gate.set()
+        assert first.wait(5).tolist() == [1.0]
         for r, ticket in enumerate(tickets):
-            assert ticket.wait(5) == [float((r + i) * (i + 1)) for i in range(5)]
-        assert len(calls) == 2 and len(calls[1]) == 50  # the 10 waiting requests ran as one batch
+            assert ticket.wait(5).tolist() == [float((r + i) * (i + 1)) for i in range(5)]
+        assert len(backend.calls) == 2 and len(backend.calls[1]) == 50  # the 10 waiting requests ran as one batch
     finally:
         batcher.stop()
 
 
 def test_batcher_serves_realtime_before_bulk_and_splits_large_requests():
-    calls = []
-    forward, entered, gate = _held_forward(calls)
-    batcher = Batcher(forward, max_batch_tokens=40).start()
+    backend = FakeBackend()
+    batcher = Batcher(backend, max_batch_tokens=40).start()
     try:
-        blocker = batcher.submit([[0] * 5])
-        assert entered.wait(5)
-        bulk = batcher.submit([[7] * 10 for _ in range(8)], priority=BULK)
-        realtime = batcher.submit([[1] * 20 for _ in range(2)], priority=REALTIME)
-        gate.set()
-        assert realtime.wait(5) == [20.0, 20.0]
-        assert bulk.wait(5) == [70.0] * 8
+        backend.hold()
+        blocker = submit(batcher, [[0] * 5])
+        assert backend.entered.wait(5)
+        bulk = submit(batcher, [[7] * 10 for _ in range(8)], priority=BULK)
+        realtime = submit(batcher, [[1] * 20 for _ in range(2)], priority=REALTIME)
+        backend.gate.set()
+        assert realtime.wait(5).tolist() == [20.0, 20.0]
+        assert bulk.wait(5).tolist() == [70.0] * 8
         blocker.wait(5)
-        assert calls[1] == [20, 20]  # realtime first, although bulk was queued earlier
-        assert all(n * max(c) <= 40 for c in calls[2:] for n in [len(c)])
-        assert sum(len(c) for c in calls[2:]) == 8
+        assert backend.calls[1] == [20, 20]  # realtime first, although bulk was queued earlier
+        assert all(len(c) * max(c) <= 40 for c in backend.calls[2:])
+        assert sum(len(c) for c in backend.calls[2:]) == 8
     finally:
         batcher.stop()
 
 
 def test_batcher_drops_expired_work_and_survives_a_failing_batch():
-    import time
-
-    calls = []
-
-    def forward(batch):
-        if any(s[0] == 13 for s in batch):
+    def fail(rows):
+        if any(r[0] == 13 for r in rows):
             raise RuntimeError("boom")
-        return _fake_forward(calls)(batch)
 
-    batcher = Batcher(forward, max_batch_tokens=100).start()
+    backend = FakeBackend(fail)
+    batcher = Batcher(backend, max_batch_tokens=100).start()
     try:
-        expired = batcher.submit([[5]], deadline=time.time() - 1)
+        expired = submit(batcher, [[5]], deadline=time.time() - 1)
         with pytest.raises(Expired):
             expired.wait(5)
-        bad = batcher.submit([[13]])
+        bad = submit(batcher, [[13]])
         with pytest.raises(RuntimeError, match="boom"):
             bad.wait(5)
-        assert batcher.submit([[2, 2]]).wait(5) == [4.0]
-        assert [5] not in [c for c in calls]
+        assert submit(batcher, [[2, 2]]).wait(5).tolist() == [4.0]
+        assert [1] not in backend.calls  # the expired pair never reached the model
     finally:
         batcher.stop()
 
 
 def test_batcher_splits_a_batch_that_runs_out_of_memory():
-    from worker.batching import OutOfMemory
-
-    calls = []
-
-    def run(batch):
-        if len(batch) > 2:
+    def fail(rows):
+        if len(rows) > 2:
             raise OutOfMemory("too big")
-        return _fake_forward(calls)(batch)
 
-    batcher = Batcher(run, max_batch_tokens=10_000).start()
+    backend = FakeBackend(fail)
+    batcher = Batcher(backend, max_batch_tokens=10_000).start()
     try:
-        ticket = batcher.submit([[i] * (i + 1) for i in range(9)])
-        assert ticket.wait(5) == [float(i * (i + 1)) for i in range(9)]
-        assert all(len(c) <= 2 for c in calls) and sum(len(c) for c in calls) == 9
+        ticket = submit(batcher, [[i] * (i + 1) for i in range(9)])
+        assert ticket.wait(5).tolist() == [float(i * (i + 1)) for i in range(9)]
+        assert all(len(c) <= 2 for c in backend.calls) and sum(len(c) for c in backend.calls) == 9
     finally:
         batcher.stop()
+
+
+def test_cancel_drops_the_pairs_of_a_tag_not_yet_scored():
+    backend = FakeBackend()
+    batcher = Batcher(backend, max_batch_tokens=20).start()  # two pairs of 10 per batch
+    try:
+        backend.hold()
+        blocker = submit(batcher, [[0] * 3])
+        assert backend.entered.wait(5)
+        job = submit(batcher, [[9] * 10 for _ in range(40)], priority=BULK, tag="job_x")
+        other = submit(batcher, [[8] * 10 for _ in range(2)], priority=BULK, tag="job_y")
+        assert batcher.cancel("job_x") == 1
+        backend.gate.set()
+        with pytest.raises(Cancelled):
+            job.wait(5)
+        assert other.wait(5).tolist() == [80.0, 80.0]
+        blocker.wait(5)
+        assert sum(len(c) for c in backend.calls) == 1 + 2  # none of the 40 cancelled pairs ran
+    finally:
+        batcher.stop()
+
+
+# --- the engine process ----------------------------------------------------------------------------------
+
+
+def test_engine_process_scores_like_the_in_process_engine_and_reports_its_death(model_dir, engine, pairs):
+    died = threading.Event()
+    remote = Engine.start(EngineConfig(source=str(model_dir), device="cpu", torch_threads=1), process=True,
+                          on_exit=lambda reason: died.set())
+    try:
+        assert remote.info["engine_process"] and remote.info["pid"] != engine.info.get("pid")
+        assert remote.info["capacity"] > 0 and remote.info["device"] == "cpu"
+        docs = [d for _, d in pairs[:12]]
+        here = engine.score("a query", docs)
+        there = remote.score("a query", docs)
+        assert np.max(np.abs(here.logits - there.logits)) < 1e-6 and here.input_tokens == there.input_tokens
+        import os
+        import signal
+
+        os.kill(remote.info["pid"], signal.SIGKILL)
+        assert died.wait(10)
+        from engine.process import EngineFailed
+
+        with pytest.raises(EngineFailed):
+            remote.score("a query", docs[:1])
+    finally:
+        remote.stop()
+
+
+def test_engine_process_that_cannot_load_its_model_says_why(tmp_path):
+    from engine.process import EngineFailed, EngineProcess
+
+    with pytest.raises(EngineFailed, match="missing"):
+        EngineProcess(EngineConfig(source=str(tmp_path / "missing"), device="cpu")).start()
+
+
+# --- the simulated GPU -------------------------------------------------------------------------------------
+
+
+def test_sim_timings_follow_the_h100_table():
+    from engine.backends.sim import GRAPH_LAUNCH_MS, Timing
+
+    timing = Timing.load("base")
+    import json
+
+    from engine.backends.sim import TABLE
+
+    measured = json.loads(TABLE.read_text())["archs"]["base"]
+    for (rows, width), launch in (((m["rows"], m["width"]), m["launch_ms"]) for m in measured):
+        got_launch, got_total = timing.eager(rows, width)
+        assert got_launch == pytest.approx(launch / 1000) and got_total == pytest.approx(
+            max(timing.total[(rows, width)], launch) / 1000)
+    assert timing.graph(1, 64)[0] == GRAPH_LAUNCH_MS / 1000
+    assert timing.graph(1, 64)[1] < timing.eager(1, 64)[1] / 5  # replay is launch-free: the README's 10x
+    assert timing.graph(64, 256)[1] == pytest.approx(0.0084, rel=0.15)  # README §6: 8.42 ms
+    assert timing.eager(4096, 512)[1] > timing.eager(1024, 512)[1] * 3  # beyond the table: by cost
+    with pytest.raises(ValueError, match="SIM_PROFILE"):
+        Timing.load("huge")
+
+
+def test_sim_engine_uses_the_real_tokenizer_and_says_it_is_simulated(model_dir, engine):
+    sim = Engine.start(EngineConfig(source=str(model_dir), device="sim", sim_profile="base"))
+    try:
+        assert sim.info["simulated"] and "placeholder" in sim.info["backend"] and sim.info["capacity"] > 0
+        docs = ["a b c", "熊猫 panda", "a b c"]
+        scores = sim.score("q", docs)
+        assert scores.logits[0] == scores.logits[2] and scores.input_tokens == engine.score("q", docs).input_tokens
+        assert sim.score("q", docs[:1]).logits[0] == scores.logits[0]  # placeholders ignore the batch
+    finally:
+        sim.stop()
+    with pytest.raises(ValueError, match="SIM_PROFILE"):
+        Engine.start(EngineConfig(source=str(model_dir), device="sim"))  # tiny matches no H100 table

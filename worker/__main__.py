@@ -1,7 +1,9 @@
-"""`python -m worker [--model NAME]`: load one model, then serve its queues with Celery.
+"""`python -m worker [--model NAME]`: start one model's engine, then serve its queues with Celery.
 
-One process per model and device: the model is loaded before the Celery consumer starts, tasks
-run on Celery's thread pool and meet in one batcher whose single thread drives the device.
+One worker per model and device. The engine (engine/) is started first, in a process of its own
+(`ENGINE_PROCESS`, on by default): it loads the model, warms the device up and measures its
+capacity before the Celery consumer takes a single task. This process keeps what is not the
+model: Celery's threads, tokenizing, results, heartbeat. Tasks find the engine on the Celery app.
 """
 
 from __future__ import annotations
@@ -11,19 +13,28 @@ import logging
 import os
 import sys
 
+import redis
 from celery import signals
 
+from engine import Engine, EngineConfig
+from engine.process import EngineFailed
 from shared import names
-from worker import broker_fixes
-from worker.bulk_gate import BulkGate
 from shared.celery_config import make_celery
+from shared.jobs import JobStore
 from shared.logs import configure_logging
 from shared.settings import ModelSpec, Settings, get_settings
+from shared.storage import JobStorage
+from worker.celery_workarounds import BulkGate, apply_kombu_fixes
+from worker.context import WorkerContext
+from worker.heartbeat import Heartbeat
+from worker.metrics import CharsPerToken, Pace, WorkerMetrics
 
 log = logging.getLogger("worker")
 
-#: Exit status of a worker whose model could not be loaded (the launcher reports it).
+#: Exit status of a worker whose model could not be loaded (the launcher does not restart it).
 EXIT_MODEL_FAILED = 3
+#: Exit status of a worker whose engine process died under it (the launcher restarts it).
+EXIT_ENGINE_DIED = 4
 
 
 def choose_model(settings: Settings, name: str | None) -> ModelSpec:
@@ -38,6 +49,50 @@ def choose_model(settings: Settings, name: str | None) -> ModelSpec:
     raise SystemExit(f"model {name!r} is not served; MODELS gives {[s.name for s in specs]}")
 
 
+def engine_config(settings: Settings, spec: ModelSpec) -> EngineConfig:
+    return EngineConfig(
+        source=spec.source, max_length=spec.max_length, device=settings.device, dtype=settings.dtype,
+        max_batch_tokens=settings.max_batch_tokens, cuda_graphs=settings.cuda_graphs,
+        graph_max_tokens=settings.cuda_graph_max_tokens, sim_profile=settings.sim_profile,
+        torch_threads=settings.torch_threads, log_level=settings.log_level, log_json=settings.log_json,
+    )
+
+
+def build_context(settings: Settings, spec: ModelSpec) -> WorkerContext:
+    """Start the engine and everything the tasks share; exits with status 3 if the model cannot load."""
+    metrics, pace = WorkerMetrics(spec.name), Pace()
+
+    def on_batch(stats) -> None:
+        pace.record(stats.pairs, stats.cost, stats.seconds)
+        metrics.on_batch(stats)
+
+    def on_exit(reason: str) -> None:
+        # Nothing can be scored any more: leave now. Messages held unacknowledged go back to the
+        # queue for another worker; the launcher (or the orchestrator) starts a new one.
+        log.critical("%s: this worker stops", reason)
+        os._exit(EXIT_ENGINE_DIED)
+
+    if settings.engine_process:
+        os.environ.setdefault("GOMP_SPINCOUNT", "10000")  # see engine.engine.configure_child
+    try:
+        engine = Engine.start(engine_config(settings, spec), process=settings.engine_process,
+                              on_batch=on_batch, on_exit=on_exit)
+    except (EngineFailed, Exception):
+        log.exception("could not load model %s from %s; this worker takes no work", spec.name, spec.source)
+        sys.exit(EXIT_MODEL_FAILED)
+    client = redis.Redis.from_url(settings.broker_url, socket_connect_timeout=2, socket_timeout=10,
+                                  health_check_interval=30)
+    ctx = WorkerContext(spec=spec, settings=settings, engine=engine, redis=client,
+                        job_store=JobStore(client, settings.job_ttl), job_storage=JobStorage(settings.job_storage_url),
+                        metrics=metrics, pace=pace, chars_per_token=CharsPerToken())
+    info = engine.info
+    log.info("model %s from %s on %s (%s, %s, max_length %d, %d tokens per batch, capacity %.0f tokens/s) "
+             "ready in %.1fs%s", spec.name, spec.source, info["device"], info["dtype"], info.get("backend"),
+             info["max_length"], info["max_batch_tokens"], info["capacity"], info["start_seconds"],
+             "; SIMULATED device: scores are placeholders" if info.get("simulated") else "")
+    return ctx
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m worker", description=__doc__)
     parser.add_argument("--model", help="served model name (needed when MODELS lists several)")
@@ -47,44 +102,29 @@ def main(argv: list[str] | None = None) -> None:
     settings = get_settings()
     configure_logging(settings)
     spec = choose_model(settings, args.model)
-
-    # OpenMP threads spin for ~300k iterations after each parallel region by default. In a worker
-    # that shares its cores with Celery's threads, Redis and often the API, that spinning steals
-    # the CPU the reply path needs: 10k spins cut 3-4 ms off a 1-document call on 2 cores and
-    # left model speed unchanged (bench/run.py W3). Must be set before torch loads libgomp.
-    os.environ.setdefault("GOMP_SPINCOUNT", "10000")
-    import torch  # only now: `--help` stays fast
-
-    if settings.torch_threads:
-        torch.set_num_threads(settings.torch_threads)
-
-    from worker import runtime as worker_runtime
-
-    try:
-        rt = worker_runtime.Runtime.start(spec, settings)
-    except Exception:
-        log.exception("could not load model %s from %s; this worker takes no work", spec.name, spec.source)
-        sys.exit(EXIT_MODEL_FAILED)
-    worker_runtime.install(rt)
+    ctx = build_context(settings, spec)
 
     app = make_celery(settings, "rerank-worker")
+    app.worker_context = ctx  # where worker.tasks.WorkerTask finds it
     import worker.tasks  # noqa: F401  (registers the tasks with the app)
+
+    gate = BulkGate(names.bulk_queue(spec.name))
+    gate.connect()
+    heartbeat = Heartbeat(ctx, on_beat=gate.sync)
 
     @signals.worker_ready.connect(weak=False)
     def _ready(**_: object) -> None:
-        rt.start_heartbeat()
-        log.info("worker %s ready for %s", rt.worker_id, spec.name)
+        heartbeat.start()
+        log.info("worker %s ready for %s", ctx.worker_id, spec.name)
 
     @signals.worker_shutdown.connect(weak=False)
     def _shutdown(**_: object) -> None:
-        rt.stop()
+        heartbeat.stop()
+        ctx.engine.stop()
 
-    broker_fixes.apply()
+    apply_kombu_fixes()
     # Realtime first: the broker is read in this order (queue_order_strategy=priority).
     queues = [names.realtime_queue(spec.name), names.bulk_queue(spec.name)]
-    gate = BulkGate(names.bulk_queue(spec.name))
-    gate.connect()
-    rt.on_heartbeat = gate.sync
     app.worker_main(
         [
             "worker",

@@ -1,37 +1,44 @@
-"""One piece of a bulk job: read its stored input, score it with the shared batcher, write results.
+"""One piece of a bulk job: read its stored input, score it through the engine, write results.
 
 Safe to run twice: the result file is replaced atomically and the job's counters move only the
 first time the piece is counted, so a worker killed mid-piece costs a redo, never a hole or a
-duplicate.
+duplicate. A cancelled job stops within one batch: the piece checks the job's state while the
+engine works and, once it is cancelled, has the engine drop the job's pairs not yet scored.
 """
 
 from __future__ import annotations
 
 import logging
 
+import numpy as np
 from celery import current_app
 
+from engine import BULK, Encoded, Engine
+from engine.batcher import Cancelled
 from shared import jobs as job_state
+from shared import names
 from shared.feed import after_piece
 from shared.ranking import shape_results
 from shared.schemas import PieceTask, ScoreOptions
-from worker.batching import BULK
-from worker.runtime import Runtime
-from worker.scoring import best_per_document, document_policy, encode_documents
+from worker.context import WorkerContext
+from worker.realtime import policy_of
 
 log = logging.getLogger(__name__)
 
+#: How often a running piece looks whether its job was cancelled.
+CANCEL_POLL_SECONDS = 0.25
 
-def run_piece(rt: Runtime, task: PieceTask) -> str:
-    """Score one piece; returns what happened: done, redone, skipped-*, or failed."""
+
+def run_piece(ctx: WorkerContext, task: PieceTask) -> str:
+    """Score one piece; returns what happened: done, redone, cancelled, skipped-*, or failed."""
     try:
-        return _run_piece(rt, task)
+        return _run_piece(ctx, task)
     finally:  # whatever happened, the next piece of some job gets this one's turn (fair turns)
-        after_piece(rt.redis, current_app, rt.settings.visibility_timeout, rt.spec.name, task.job_id, task.piece)
+        after_piece(ctx.redis, current_app, ctx.settings.visibility_timeout, ctx.spec.name, task.job_id, task.piece)
 
 
-def _run_piece(rt: Runtime, task: PieceTask) -> str:
-    store, storage = rt.job_store, rt.job_storage
+def _run_piece(ctx: WorkerContext, task: PieceTask) -> str:
+    store, storage = ctx.job_store, ctx.job_storage
     job = store.get(task.job_id)
     if job is None:
         return "skipped-expired"  # the job is unknown or expired
@@ -43,13 +50,18 @@ def _run_piece(rt: Runtime, task: PieceTask) -> str:
 
     items = list(storage.read_lines(storage.input_path(task.job_id, task.piece)))
     pairs = sum(len(item["documents"]) for item in items)
-    policy = document_policy(ScoreOptions.model_validate_json(job.options))
+    policy = policy_of(ScoreOptions.model_validate_json(job.options))
     try:
-        with rt.batcher.incoming():
-            encoded = [encode_documents(rt.reranker, item["query"], item["documents"], None, policy)
-                       for item in items]
-        flat = [seq for seqs, _ in encoded for seq in seqs]
-        logits = rt.batcher.submit(flat, priority=BULK).wait()
+        encoded = [ctx.engine.encoder.encode(item["query"], item["documents"], policy) for item in items]
+        whole = Encoded.concat(encoded)
+        ctx.chars_per_token.record(whole.characters, whole.tokenized)
+        handle = ctx.engine.submit(whole, priority=BULK, tag=task.job_id)
+        while not handle.done.wait(CANCEL_POLL_SECONDS):
+            if _cancelled(ctx, task.job_id):
+                ctx.engine.cancel(task.job_id)
+        logits = handle.wait()
+    except Cancelled:
+        return "cancelled"
     except Exception as exc:  # a piece that cannot be scored is reported, not retried for ever
         log.exception("job %s piece %d failed", task.job_id, task.piece)
         message = f"{type(exc).__name__}: {exc}"
@@ -59,17 +71,26 @@ def _run_piece(rt: Runtime, task: PieceTask) -> str:
         return "failed"
 
     lines, start = [], 0
-    for item, (seqs, owners) in zip(items, encoded):
-        item_logits, chunks = best_per_document(logits[start : start + len(seqs)], owners, len(item["documents"]))
-        start += len(seqs)
+    for item, enc in zip(items, encoded):
+        scores = Engine.merge(enc, logits[start : start + enc.pairs])
+        start += enc.pairs
         lines.append({
             "id": item["id"],
             "index": item["index"],
-            "results": shape_results(item_logits, item["documents"], raw_scores=job.raw_scores,
+            "results": shape_results(scores.logits.tolist(), item["documents"], raw_scores=job.raw_scores,
                                      top_n=item.get("top_n"), return_documents=job.return_documents,
-                                     chunks=chunks if job.return_chunks else None),
-            "meta": {"tokens": {"input_tokens": sum(len(s) for s in seqs)}},
+                                     chunks=_chunks(scores.chunks, len(item["documents"])) if job.return_chunks
+                                     else None),
+            "meta": {"tokens": {"input_tokens": scores.input_tokens}},
         })
     storage.write_lines(storage.result_path(task.job_id, task.piece), lines)
     counted = store.complete_piece(task.job_id, task.piece, len(items), pairs)
     return "done" if counted else "redone"  # redone: a redelivered piece, counted once
+
+
+def _cancelled(ctx: WorkerContext, job_id: str) -> bool:
+    return ctx.redis.hget(names.job_key(job_id), "status") == job_state.CANCELLED.encode()
+
+
+def _chunks(values: np.ndarray | None, documents: int) -> list[int]:
+    return values.tolist() if values is not None else [1] * documents

@@ -1,0 +1,92 @@
+"""The model as transformers loads it, run eagerly with torch on the CPU or a CUDA device.
+
+Loading follows transformers/sentence-transformers (`AutoModelForSequenceClassification` from a
+Hugging Face id or a local folder). fp16 on CUDA (the reference's fast path), float32 on CPU,
+where half precision is slow; logits always come back as float32.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import torch
+
+from engine.backends import OutOfMemory, PaddedBatch
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """`auto` picks CUDA when present, else CPU; anything else is taken as torch spells it."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return _DTYPES[name]
+
+
+class TorchBackend:
+    def __init__(self, model: torch.nn.Module, *, device: torch.device, dtype: torch.dtype, pad_id: int,
+                 source: str = "") -> None:
+        self.model = model
+        self.device = device
+        self.dtype = dtype
+        self.pad_id = pad_id
+        self.source = source
+
+    @classmethod
+    def load(cls, config) -> TorchBackend:
+        from transformers import AutoModelForSequenceClassification
+
+        device = resolve_device(config.device)
+        dtype = resolve_dtype(config.dtype, device)
+        model = AutoModelForSequenceClassification.from_pretrained(config.source, dtype=dtype)
+        model.to(device).eval()
+        if model.config.num_labels != 1:
+            raise ValueError(f"{config.source} has {model.config.num_labels} labels; a reranker has one")
+        return cls(model, device=device, dtype=dtype, pad_id=int(model.config.pad_token_id), source=config.source)
+
+    def describe(self) -> dict[str, Any]:
+        return {"device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."), "backend": "torch eager"}
+
+    def warm_up(self, max_batch_tokens: int) -> None:
+        pass  # nothing to capture; the capacity passes of the engine warm the allocator
+
+    def prepare(self, batch: PaddedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Right-padded ids and attention mask on the CPU (pinned for a fast copy to CUDA)."""
+        ids = torch.from_numpy(batch.ids)
+        mask = torch.from_numpy(batch.mask())
+        if self.device.type == "cuda":
+            ids, mask = ids.pin_memory(), mask.pin_memory()
+        return ids, mask
+
+    @torch.inference_mode()
+    def launch(self, prepared: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        try:
+            ids, mask = (t.to(self.device, non_blocking=True) for t in prepared)
+            return self.model(input_ids=ids, attention_mask=mask).logits
+        except RuntimeError as exc:
+            raise out_of_memory(exc, self.device) from None
+
+    def finish(self, logits: torch.Tensor) -> np.ndarray:
+        try:
+            return logits.view(-1).float().cpu().numpy()
+        except RuntimeError as exc:
+            raise out_of_memory(exc, self.device) from None
+
+
+def out_of_memory(exc: RuntimeError, device: torch.device) -> Exception:
+    """`OutOfMemory` for the batcher to split the batch; any other error unchanged."""
+    if not isinstance(exc, torch.OutOfMemoryError) and "can't allocate memory" not in str(exc):
+        return exc
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return OutOfMemory(str(exc))

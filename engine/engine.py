@@ -1,0 +1,198 @@
+"""`Engine.score(query, documents, policy)`: the one entry point of the scoring path.
+
+Realtime calls, bulk pieces, the benchmarks and the tests all score through it. The engine
+encodes in the caller's process (encoding.py) and scores either in this process (a batcher
+thread: tests, benchmarks, notebooks) or in an engine process of its own (`process=True`: the
+worker), with the same results. Starting it loads the model, warms the device up (CUDA graphs
+are captured then) and measures its capacity at full batches, so the admission bound is right
+from the first request (api/admission.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from engine.backends import PaddedBatch, default_batch_tokens, forward, load_backend
+from engine.batcher import REALTIME, Batcher, BatchStats, padded_cost
+from engine.encoding import DocumentPolicy, Encoded, Encoder, best_per_document
+
+log = logging.getLogger(__name__)
+
+#: How long the capacity measurement may take at start (at least one full-budget pass is timed).
+CAPACITY_SECONDS = 2.0
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """What an engine needs to start; the worker fills it from the settings (shared/settings.py)."""
+
+    source: str  # Hugging Face id or local folder
+    max_length: int = 512
+    device: str = "auto"  # auto, cpu, cuda, cuda:N, or sim (a simulated H100)
+    dtype: str = "auto"
+    max_batch_tokens: int | None = None  # None: by device (backends.default_batch_tokens)
+    cuda_graphs: bool = True
+    graph_max_tokens: int = 8192
+    sim_profile: str | None = None  # base, large or v2-m3; None: the one matching the model
+    torch_threads: int | None = None
+    log_level: str = "INFO"
+    log_json: bool = False
+
+
+@dataclass
+class Scores:
+    """One request's answer: a logit per document (its best window's when chunked)."""
+
+    logits: np.ndarray
+    input_tokens: int
+    chunks: np.ndarray | None = None  # windows per document (chunked requests)
+    truncated: np.ndarray | None = None  # document longer than its windows (chunked requests)
+
+
+class _Local:
+    """The batcher in this process: what the engine process runs, without the process."""
+
+    def __init__(self, batcher: Batcher) -> None:
+        self.batcher = batcher
+
+    def submit(self, encoded: Encoded, *, priority: int, deadline: float | None = None, tag: str | None = None):
+        return self.batcher.submit(encoded.lengths, encoded.ids, priority=priority, deadline=deadline, tag=tag)
+
+    def cancel(self, tag: str) -> None:
+        self.batcher.cancel(tag)
+
+    def stop(self) -> None:
+        self.batcher.stop()
+
+
+class Engine:
+    def __init__(self, encoder: Encoder, scorer, info: dict[str, Any]) -> None:
+        self.encoder = encoder
+        self.scorer = scorer
+        self.info = info
+
+    @classmethod
+    def start(cls, config: EngineConfig, *, process: bool = False,
+              on_batch: Callable[[BatchStats], None] | None = None,
+              on_exit: Callable[[str], None] | None = None) -> Engine:
+        started = time.perf_counter()
+        encoder = Encoder.load(config.source, config.max_length)
+        if process:
+            from engine.process import EngineProcess
+
+            scorer = EngineProcess(config, on_batch=on_batch, on_exit=on_exit)
+            info = scorer.start()
+        else:
+            batcher, info = build_runtime(config, on_batch=on_batch)
+            scorer = _Local(batcher)
+        info.update(max_length=encoder.max_length, limit=encoder.limit, engine_process=process,
+                    start_seconds=round(time.perf_counter() - started, 2))
+        return cls(encoder, scorer, info)
+
+    # --- scoring -----------------------------------------------------------------------------------------------
+    def score(self, query: str, documents: Sequence[str], policy: DocumentPolicy = DocumentPolicy(), *,
+              priority: int = REALTIME, deadline: float | None = None, tag: str | None = None,
+              timeout: float | None = None) -> Scores:
+        """Each document's logit for the query (sigmoid is the caller's: shared/ranking.py)."""
+        encoded = self.encoder.encode(query, documents, policy)
+        return self.merge(encoded, self.run(encoded, priority=priority, deadline=deadline, tag=tag, timeout=timeout))
+
+    def run(self, encoded: Encoded, *, priority: int = REALTIME, deadline: float | None = None,
+            tag: str | None = None, timeout: float | None = None) -> np.ndarray:
+        """Logits of encoded pair inputs, in their order (Expired after `timeout` seconds)."""
+        return self.submit(encoded, priority=priority, deadline=deadline, tag=tag).wait(timeout)
+
+    def submit(self, encoded: Encoded, *, priority: int = REALTIME, deadline: float | None = None,
+               tag: str | None = None):
+        """Queue encoded pair inputs; the returned handle's `wait(timeout)` gives their logits."""
+        return self.scorer.submit(encoded, priority=priority, deadline=deadline, tag=tag)
+
+    @staticmethod
+    def merge(encoded: Encoded, logits: np.ndarray) -> Scores:
+        """Pair logits -> document logits (the best window of a chunked document)."""
+        if encoded.truncated is None:
+            return Scores(logits=np.asarray(logits, dtype=np.float64), input_tokens=encoded.tokens)
+        best, chunks = best_per_document(logits, encoded)
+        return Scores(logits=best, input_tokens=encoded.tokens, chunks=chunks, truncated=encoded.truncated)
+
+    def score_pairs(self, pairs: Sequence[tuple[str, str]], *, normalize: bool = True) -> list[float]:
+        """Relevance of each (query, document) pair, like sentence-transformers' CrossEncoder.predict:
+        sigmoid scores in [0, 1], or logits if not `normalize`."""
+        from shared.ranking import sigmoid
+
+        encoded, where = self.encoder.encode_pairs(pairs)
+        logits = self.run(encoded)[where].tolist()
+        return [sigmoid(x) for x in logits] if normalize else logits
+
+    def cancel(self, tag: str) -> None:
+        """Drop every queued pair of requests tagged `tag` (a cancelled bulk job)."""
+        self.scorer.cancel(tag)
+
+    def stop(self) -> None:
+        self.scorer.stop()
+
+
+# --- what the engine process (or the local batcher) runs ----------------------------------------------------
+
+
+def configure_child(config: EngineConfig) -> None:
+    """Logging and CPU threads of an engine process, before torch loads."""
+    from shared.logs import setup_logging
+
+    setup_logging(config.log_level, config.log_json)
+    # OpenMP threads spin for ~300k iterations after each parallel region by default; on a CPU
+    # worker sharing its cores with the worker process, Redis and often the API, that spinning
+    # steals the CPU the reply path needs: 10k spins cut 3-4 ms off a 1-document call on 2
+    # cores and left model speed unchanged. Must be set before torch loads libgomp.
+    os.environ.setdefault("GOMP_SPINCOUNT", "10000")
+    if config.torch_threads and config.device != "sim":
+        import torch
+
+        torch.set_num_threads(config.torch_threads)
+
+
+def build_runtime(config: EngineConfig, *, on_batch: Callable[[BatchStats], None] | None = None
+                  ) -> tuple[Batcher, dict[str, Any]]:
+    """Load the backend, warm it up, measure its capacity, start the batcher."""
+    started = time.perf_counter()
+    backend = load_backend(config)
+    info = backend.describe()
+    budget = config.max_batch_tokens or default_batch_tokens(str(info["device"]).split(":")[0])
+    backend.warm_up(budget)
+    info = backend.describe()  # after warm-up: graphs captured, their memory known
+    capacity = measure_capacity(backend, budget, config.max_length)
+    info.update(max_batch_tokens=budget, capacity=round(capacity, 1),
+                warm_up_seconds=round(time.perf_counter() - started, 2))
+    log.info("engine ready: %s on %s (%s), %d tokens per batch, capacity %.0f tokens/s at full batches",
+             config.source, info["device"], info.get("backend"), budget, capacity)
+    return Batcher(backend, max_batch_tokens=budget, on_batch=on_batch).start(), info
+
+
+def measure_capacity(backend, budget: int, max_length: int, seconds: float = CAPACITY_SECONDS) -> float:
+    """Padded-token cost the device scores per second at full batches.
+
+    Timed on full-budget passes while the worker warms up, so a worker announces what it can do
+    before its first request: measured on small first calls instead, the pace looks tiny and the
+    admission bound refuses a burst it could serve (shared/gpu README §4).
+    """
+    width = max(8, min(256, max_length))
+    rows = max(1, int(budget // padded_cost(1, width)))
+    rng = np.random.default_rng(0)
+    batch = PaddedBatch(ids=rng.integers(5, 1000, size=(rows, width)).astype(np.int64),
+                        lengths=np.full(rows, width, dtype=np.int32))
+    forward(backend, batch)  # first pass: allocator and kernels warm
+    passes, started = 0, time.perf_counter()
+    while passes < 3 and (passes == 0 or time.perf_counter() - started < seconds):
+        forward(backend, batch)
+        passes += 1
+    return padded_cost(rows, width) * passes / (time.perf_counter() - started)
+
+
+

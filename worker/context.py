@@ -1,0 +1,61 @@
+"""What a worker's tasks share: its engine, Redis, job storage, metrics and identity.
+
+Built once in `python -m worker`, before the Celery consumer starts (the model is loaded and
+warm before the first task is taken), and held by the Celery app, where the tasks' base class
+finds it (worker/tasks.py): no module-level global.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from dataclasses import dataclass, field
+
+import redis
+
+from engine import Engine
+from shared.jobs import JobStore
+from shared.settings import ModelSpec, Settings
+from shared.storage import JobStorage
+from worker.metrics import CharsPerToken, Pace, WorkerMetrics
+
+
+@dataclass
+class WorkerContext:
+    spec: ModelSpec
+    settings: Settings
+    engine: Engine
+    redis: redis.Redis
+    job_store: JobStore
+    job_storage: JobStorage
+    metrics: WorkerMetrics
+    pace: Pace
+    chars_per_token: CharsPerToken
+    worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}")
+
+    def describe(self) -> dict[str, object]:
+        """The heartbeat's content: what the API and operators know of this worker."""
+        info = self.engine.info
+        return {
+            "id": self.worker_id,
+            "model": self.spec.name,
+            "source": self.spec.source,
+            "max_length": info["max_length"],
+            "device": str(info["device"]),
+            "dtype": str(info["dtype"]),
+            "backend": info.get("backend"),
+            "simulated": bool(info.get("simulated", False)),
+            "cuda_graphs": info.get("cuda_graphs", 0),
+            "graph_memory_mib": info.get("graph_memory_mib"),
+            "max_batch_tokens": info["max_batch_tokens"],
+            # Padded-token cost per second at full batches, measured while warming up: the API
+            # bounds pending work by it from the first request on (api/admission.py).
+            "capacity": info["capacity"],
+            "cost_per_second": self.pace.cost_per_second(),
+            "pairs_per_second": self.pace.pairs_per_second(),
+            "chars_per_token": round(self.chars_per_token.value, 3),
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "engine_pid": info.get("pid"),
+        }

@@ -1,0 +1,60 @@
+"""A synchronous call: encode, score through the engine, push the answer on the caller's list."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from engine import REALTIME, DocumentPolicy, Engine, InputTooLong
+from engine.batcher import Expired
+from engine.process import EngineFailed
+from shared import names
+from shared.schemas import ScoreOptions, ScoreReply, ScoreTask
+from worker.context import WorkerContext
+
+log = logging.getLogger(__name__)
+
+#: How long an answer waits in Redis for its caller, who is normally already blocked on it.
+REPLY_TTL_SECONDS = 60
+
+
+def policy_of(options: ScoreOptions) -> DocumentPolicy:
+    """The engine's document policy for a task's ScoreOptions (the wire format, shared/schemas.py)."""
+    return DocumentPolicy(direction=options.direction, max_doc_tokens=options.max_doc_tokens,
+                          chunk_overlap=options.chunk_overlap, max_chunks=options.max_chunks,
+                          truncate=options.truncate)
+
+
+def score_call(ctx: WorkerContext, task: ScoreTask) -> ScoreReply | None:
+    """Score one synchronous call; None when its caller has already given up."""
+    started = time.perf_counter()
+    if task.deadline <= time.time() or not ctx.redis.hexists(names.pending_keys(ctx.spec.name)[1], task.call_id):
+        return None  # the caller gave up (timeout, or it stopped waiting on a dead-looking worker)
+    try:
+        encoded = ctx.engine.encoder.encode(task.query, task.documents, policy_of(task.options))
+    except InputTooLong as exc:
+        return ScoreReply(error=str(exc), status=413)
+    ctx.chars_per_token.record(encoded.characters, encoded.tokenized)
+    try:
+        logits = ctx.engine.run(encoded, priority=REALTIME, deadline=task.deadline,
+                                timeout=max(task.deadline - time.time(), 0))
+    except Expired:
+        return None
+    except EngineFailed as exc:
+        return ScoreReply(error=f"the worker lost its engine: {exc}", status=503)
+    scores = Engine.merge(encoded, logits)
+    log.info("scored %d pairs (%d tokens) in %.1f ms", encoded.pairs, encoded.tokens,
+             (time.perf_counter() - started) * 1000)
+    return ScoreReply(
+        logits=scores.logits.tolist(), input_tokens=scores.input_tokens,
+        chunks=scores.chunks.tolist() if scores.chunks is not None else None,
+        truncated=scores.truncated.tolist() if scores.truncated is not None else None,
+    )
+
+
+def send_reply(ctx: WorkerContext, call_id: str, reply: ScoreReply) -> None:
+    key = names.reply_key(call_id)
+    pipe = ctx.redis.pipeline()
+    pipe.rpush(key, reply.model_dump_json(exclude_none=True))
+    pipe.expire(key, REPLY_TTL_SECONDS)
+    pipe.execute()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 from collections.abc import Iterator
 from typing import IO, Any
 from urllib.parse import unquote
@@ -68,6 +69,24 @@ class CountingReader:
             yield block
         if self.expected is not None and self.bytes_read < self.expected:
             raise Truncated(self.bytes_read, self.expected)
+
+
+#: Before refusing an upload, what is left of it is read and dropped (a lingering close, as web
+#: servers do): a client that sends its whole body before reading the answer then gets the answer
+#: instead of a reset connection. Bounded, so a huge refused body does not hold a thread for long.
+DRAIN_BYTES, DRAIN_SECONDS = 64 << 20, 10.0
+
+
+def drain(stream: IO[bytes]) -> None:
+    deadline, left = time.monotonic() + DRAIN_SECONDS, DRAIN_BYTES
+    try:
+        while left > 0 and time.monotonic() < deadline:
+            block = stream.read(min(BLOCK_BYTES, left))
+            if not block:
+                return
+            left -= len(block)
+    except Exception:  # noqa: BLE001 - the client is gone or the body is broken: nothing to drain
+        return
 
 
 def lines(blocks: Iterator[bytes]) -> Iterator[bytes]:

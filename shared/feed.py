@@ -11,8 +11,9 @@ One Lua script decides, so any number of API processes and workers may call `fee
 piece stays listed as in flight until a worker ends it (`piece_ended`, called after every piece
 whatever its outcome). A piece is also listed as `sending` until its message is in the broker: one
 still listed after `SEND_GRACE_SECONDS` was lost with its sender (killed between the script and the
-broker) and is handed out again at the next call; one in flight for longer than the broker's
-visibility timeout allows is handed out again too. A piece done twice still counts once
+broker) and is handed out again at the next call; one in flight for longer than the workers'
+visibility timeout (its message was lost on the way into a worker killed at that moment) is
+handed out again too. A piece done twice still counts once
 (shared/jobs.py), so handing out again is always safe.
 """
 
@@ -36,11 +37,14 @@ MIN_DEPTH = 4
 #: A piece handed out but not confirmed in the broker after this long was lost by its sender.
 SEND_GRACE_SECONDS = 10
 
-# KEYS: in-flight zset, owners zset, turn counter, sending zset, the model's worker set.
+# KEYS: in-flight zset, owners zset, turn counter, sending zset, the model's worker set, the
+#       workers' stale-after value.
 # ARGV: now, stale_after, min_depth, per_worker, job key prefix, owner line prefix, worker prefix,
-#       send grace.
+#       send grace, whether the caller is a worker (its stale_after is the one that counts).
 _FEED = """
 local now = tonumber(ARGV[1])
+if ARGV[9] == '1' then redis.call('SET', KEYS[6], ARGV[2], 'EX', 3600) end
+local stale_after = tonumber(redis.call('GET', KEYS[6]) or ARGV[2])
 local live = 0
 for _, id in ipairs(redis.call('SMEMBERS', KEYS[5])) do
   if redis.call('EXISTS', ARGV[7] .. id) == 1 then live = live + 1 end
@@ -56,7 +60,7 @@ for i = 1, #listed, 2 do
     redis.call('ZREM', KEYS[1], member)
     redis.call('ZREM', KEYS[4], member)
   elseif (sending and tonumber(sending) < now - tonumber(ARGV[8]))
-      or (live > 0 and tonumber(listed[i + 1]) < now - tonumber(ARGV[2])) then
+      or (live > 0 and tonumber(listed[i + 1]) < now - stale_after) then
     redis.call('ZADD', KEYS[1], now, member)
     redis.call('ZADD', KEYS[4], now, member)
     table.insert(out, member)
@@ -98,18 +102,23 @@ return out
 class Feeder:
     """Hands the next pieces of a model's jobs to the broker, in fair turns."""
 
-    def __init__(self, client: redis.Redis, celery: Celery, visibility_timeout: float) -> None:
+    def __init__(self, client: redis.Redis, celery: Celery, visibility_timeout: float, *, worker: bool = False) -> None:
         self._redis = client
         self._celery = celery
-        self._stale_after = visibility_timeout + 60
+        # A piece in flight longer than the broker's visibility timeout was lost (a message taken by
+        # a worker killed before it was recorded as unacknowledged): the workers' timeout counts,
+        # so they publish theirs and any caller (an API too) applies it.
+        self._stale_after = visibility_timeout + 5
+        self._worker = worker
         self._script = client.register_script(_FEED)
 
     def feed(self, model: str) -> int:
         """Top the model's pieces in flight up to their depth; returns how many were sent."""
         pieces = self._script(
-            keys=[*names.feed_keys(model), names.workers_key(model)],
+            keys=[*names.feed_keys(model), names.workers_key(model), f"{names.feed_keys(model)[0]}:stale-after"],
             args=[time.time(), self._stale_after, MIN_DEPTH, DEPTH_PER_WORKER, names.job_key(""),
-                  names.feed_owner_key(model, ""), names.worker_key(""), SEND_GRACE_SECONDS],
+                  names.feed_owner_key(model, ""), names.worker_key(""), SEND_GRACE_SECONDS,
+                  "1" if self._worker else "0"],
         )
         if not pieces:
             return 0
@@ -147,7 +156,7 @@ def after_piece(client: redis.Redis, celery: Celery, visibility_timeout: float, 
     try:
         feeder = _feeders.get(id(client))
         if feeder is None:
-            feeder = _feeders[id(client)] = Feeder(client, celery, visibility_timeout)
+            feeder = _feeders[id(client)] = Feeder(client, celery, visibility_timeout, worker=True)
         feeder.piece_ended(model, job_id, piece)
     except Exception as exc:  # noqa: BLE001 - the broker or Redis is down: the next call catches up
         log.warning("could not hand out the next bulk pieces of %s: %s", model, exc)

@@ -116,7 +116,7 @@ def test_the_sweep_spares_an_upload_in_progress(api, stack_env, redis_url):
         sock.sendall((f"POST /v1/rerank/jobs HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer token-one\r\n"
                       f"Content-Type: application/jsonl\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body[:half])
         uploading = wait_for(lambda: [j for j in set(storage.job_ids()) - before
-                                      if storage.exists(storage.input_path(j, 1))], 30, "pieces of the upload")[0]
+                                      if storage.exists(storage.input_path(j, 0))], 30, "a piece of the upload")[0]
         settings = Settings(redis_url=redis_url, models=stack_env["MODELS"], data_dir=stack_env["DATA_DIR"])
         service = JobService(settings, client, Celery(broker=redis_url), WorkerRegistry(client))
         removed = service.sweep(min_age=0)

@@ -10,8 +10,8 @@ from werkzeug.exceptions import RequestEntityTooLarge
 
 from api.auth import presented_token
 from api.errors import ApiError
-from api.job_inputs import (PARQUET_TYPES, CountingReader, check_input_url, is_parquet, jsonl_entries, lines,
-                            open_input_url, parquet_entries, spool)
+from api.job_inputs import (PARQUET_TYPES, CountingReader, check_input_url, drain, is_parquet, jsonl_entries,
+                            lines, open_input_url, parquet_entries, spool)
 from api.job_results import PARQUET, pyarrow_available
 from api.job_results import parquet as parquet_results
 from api.jobs import JobService
@@ -85,7 +85,11 @@ def create_job():
                 return parquet_entries(spool(body.blocks()))
             return jsonl_entries(lines(body.blocks()))
 
-        job = service.create(model, entries, owner=owner, options=options, expected_bytes=request.content_length)
+        try:
+            job = service.create(model, entries, owner=owner, options=options, expected_bytes=request.content_length)
+        except ApiError:
+            drain(request.stream)  # the answer reaches a client still sending its body
+            raise
         return accepted(job)
     # A JSON body is parsed whole, so it is held to MAX_REQUEST_BYTES: larger inputs stream as JSON Lines.
     too_large = ApiError(413, f"a JSON job body may be at most {settings.max_request_bytes} bytes "

@@ -87,7 +87,7 @@ def pair_cost(tokens: int) -> float:
 
 
 def estimate_cost(query: str, documents: list[str], options: ScoreOptions, *, max_length: int,
-                  chars_per_token: float) -> int:
+                  chars_per_token: float, max_chunks: int = 64) -> int:
     """What a call will cost the batcher, from its text alone (tokens estimated from characters
     at the workers' measured ratio; FlagEmbedding's truncation and the chunking options applied)."""
     def tokens(text: str) -> int:
@@ -104,7 +104,7 @@ def estimate_cost(query: str, documents: list[str], options: ScoreOptions, *, ma
         windows = 1
         if options.chunk_overlap is not None and length > room:
             step = room - min(options.chunk_overlap, room // 2)
-            windows = min(options.max_chunks, 1 + math.ceil((length - room) / step))
+            windows = min(options.max_chunks or max_chunks, max_chunks, 1 + math.ceil((length - room) / step))
         total += windows * pair_cost(head + min(length, room))
     return max(1, math.ceil(total * PADDING_FACTOR))
 

@@ -14,11 +14,11 @@ import uuid
 from flask import Flask, current_app, g, request
 
 from api import metrics
-from api.auth import require_token
+from api.auth import needs_token, require_token
 from api.dispatch import Dispatcher
 from api.errors import register_error_handlers
 from api.jobs import JobService
-from api.routes import jobs, ops, rerank, tei
+from api.routes import jobs, ops, rerank, score, tei
 from shared.cluster_metrics import ClusterCollector
 from shared.logs import request_id
 from shared.settings import Settings, get_settings
@@ -48,8 +48,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         g.request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
         request_id.set(g.request_id)
         conf: Settings = current_app.config["SETTINGS"]
-        if (request.path.startswith("/v1/") or request.path == "/rerank"
-                or (request.path == "/metrics" and conf.metrics_auth)):
+        if needs_token(request.path, metrics_auth=conf.metrics_auth):
             require_token(request.headers.get("Authorization"), conf.tokens)
 
     @app.after_request
@@ -63,6 +62,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(rerank.bp)
     app.register_blueprint(jobs.bp)
     app.register_blueprint(tei.bp)
+    app.register_blueprint(score.bp)
+    ops.register_docs(app)
 
     log.info("configuration: %s", json.dumps(settings.redacted(), default=str))
     if not settings.tokens:

@@ -1,4 +1,4 @@
-"""Bearer-token check for every `/v1` route.
+"""Bearer-token check for the scoring and model routes (`/v1/*`, `/v2/*`, `/rerank`, `/score`).
 
 Tokens are compared in constant time against every configured token (several allow rotation),
 the scheme is matched in any letter case (RFC 7235), and the credentials are taken exactly as
@@ -10,6 +10,19 @@ from __future__ import annotations
 import hmac
 
 from api.errors import ApiError
+
+
+#: Paths under these prefixes, and these paths, need the token; the rest (/health, /ready, /info,
+#: /metrics unless METRICS_AUTH, /openapi.json, /docs) stay public, as TEI's do with --api-key.
+PROTECTED_PREFIXES = ("/v1/", "/v2/")
+PROTECTED_PATHS = ("/rerank", "/score")
+
+
+def needs_token(path: str, *, metrics_auth: bool) -> bool:
+    """Whether a request to `path` (or a route with that rule) must carry the token. The app's
+    check and the OpenAPI document's `security` both ask this, so they cannot disagree."""
+    return (path.startswith(PROTECTED_PREFIXES) or path in PROTECTED_PATHS
+            or (path == "/metrics" and metrics_auth))
 
 
 def token_matches(header: str | None, tokens: list[str]) -> bool:

@@ -76,7 +76,7 @@ class Dispatcher:
         call_id = f"{request_id}.{uuid.uuid4().hex[:12]}"  # the worker's log lines carry the request id
         limit = pending_limit(self.settings.max_pending_tokens, workers, self.settings.sync_timeout)
         cost = estimate_cost(query, documents, options, max_length=model.max_length,
-                             chars_per_token=chars_per_token(workers))
+                             chars_per_token=chars_per_token(workers), max_chunks=self.settings.max_chunks)
         verdict = self.admission.admit(model.name, call_id, cost, deadline, now, limit)
         if not verdict.admitted:
             raise ApiError(

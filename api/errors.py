@@ -1,15 +1,21 @@
-"""Every failure leaves as JSON with the right status: `{"error", "error_type", "fields"?}`.
+"""Every failure leaves as JSON with the right status: `{"error", "error_type", "detail", "fields"?}`.
 
 FastGPT treats any non-2xx as "search without rerank", so an error must never look like a 200.
-The body shape is TEI's, so one shape serves the Cohere-style and the TEI-style routes.
+The body is TEI's shape (`error`, `error_type`) with FastAPI's `detail` beside it (the same
+message), which the seed server, vLLM and Infinity send and Jina-style clients (LangChain and
+LlamaIndex `JinaRerank`) read; so one body serves every route and every client. Werkzeug's own
+404/405/413 go through the same handler.
 """
 
 from __future__ import annotations
 
 import logging
 
-from flask import Flask, jsonify
+from flask import Flask, Response
 from werkzeug.exceptions import HTTPException
+
+from api.answers import answer
+from shared.schemas import ErrorResponse
 
 log = logging.getLogger(__name__)
 
@@ -45,14 +51,10 @@ class ApiError(Exception):
         self.headers = headers or {}
 
 
-def error_response(error: ApiError):
-    body: dict[str, object] = {"error": error.message, "error_type": error.error_type}
-    if error.fields:
-        body["fields"] = error.fields
-    response = jsonify(body)
-    response.status_code = error.status
-    response.headers.update(error.headers)
-    return response
+def error_response(error: ApiError, *, status: int | None = None, error_type: str | None = None) -> Response:
+    """The answer for `error`; a route speaking another format (TEI) may restate status and type."""
+    body = ErrorResponse.of(error.message, error_type or error.error_type, error.fields)
+    return answer(body, status or error.status, error.headers)
 
 
 def register_error_handlers(app: Flask) -> None:
@@ -67,7 +69,10 @@ def register_error_handlers(app: Flask) -> None:
         if status == 413:
             limit = app.config.get("MAX_CONTENT_LENGTH")
             message = f"request body larger than {limit} bytes (MAX_REQUEST_BYTES)"
-        return error_response(ApiError(status, message))
+        headers = {}
+        if status == 405 and getattr(error, "valid_methods", None):  # RFC 9110: a 405 names the methods
+            headers["Allow"] = ", ".join(sorted(error.valid_methods))
+        return error_response(ApiError(status, message, headers=headers))
 
     @app.errorhandler(Exception)
     def _unexpected(error: Exception):

@@ -2,12 +2,14 @@
 validate their requests: there is no second, hand-kept copy of any schema.
 
 A view states its request and response models with `@documented(...)`; `build(app)` walks the
-app's URL map, so a route added without documentation still appears (and a test notices).
+app's URL map, so a route added without documentation still appears (and a test notices). Only
+views marked `hidden` (the Swagger UI page's static files) are left out: they are not API.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,9 +17,11 @@ from flask import Flask
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
+from api.auth import needs_token
 from shared.schemas import ErrorResponse
 
 REF = "#/components/schemas/{model}"
+_ARGUMENT = re.compile(r"<(?:[^<>:]+:)?([^<>]+)>")  # <name> or <converter:name>
 
 _DESCRIPTIONS = {
     200: "OK", 202: "Accepted: a job was created", 400: "Malformed JSON", 401: "Missing or invalid bearer token",
@@ -31,14 +35,22 @@ _DESCRIPTIONS = {
 @dataclass
 class Doc:
     summary: str
-    body: type[BaseModel] | None = None
+    body: type[BaseModel] | tuple[type[BaseModel], ...] | None = None  # a tuple: one of these bodies
     extra_bodies: dict[str, dict[str, Any]] = field(default_factory=dict)
     query: type[BaseModel] | None = None
-    responses: dict[int, type[BaseModel] | dict[str, Any] | None] = field(default_factory=dict)
+    # status -> a model, a tuple of models (one of them), a raw content object, or None
+    responses: dict[int, type[BaseModel] | tuple[type[BaseModel], ...] | dict[str, Any] | None] = field(
+        default_factory=dict)
     errors: tuple[int, ...] = ()
     headers: dict[str, str] = field(default_factory=dict)
     tag: str = "rerank"
     schemas: tuple[type[BaseModel], ...] = ()  # more models for components (JSON Lines records)
+    hidden: bool = False  # not part of the API (static files)
+
+
+def openapi_path(rule: str) -> str:
+    """Flask's `/v1/models/<path:model_id>` as OpenAPI's `/v1/models/{model_id}`."""
+    return _ARGUMENT.sub(r"{\1}", rule)
 
 
 def documented(**kwargs: Any) -> Callable[[Callable], Callable]:
@@ -51,13 +63,19 @@ def documented(**kwargs: Any) -> Callable[[Callable], Callable]:
     return mark
 
 
+def _each(*entries: Any) -> Iterator[Any]:
+    """The entries, with a tuple (one of several models) spread out."""
+    for entry in entries:
+        yield from entry if isinstance(entry, tuple) else (entry,)
+
+
 def _models(app: Flask) -> list[type[BaseModel]]:
     found: list[type[BaseModel]] = [ErrorResponse]
     for view in app.view_functions.values():
         doc: Doc | None = getattr(view, "openapi", None)
         if doc is None:
             continue
-        for model in (doc.body, doc.query, *doc.responses.values(), *doc.schemas):
+        for model in _each(doc.body, doc.query, *doc.responses.values(), *doc.schemas):
             if isinstance(model, type) and issubclass(model, BaseModel) and model not in found:
                 found.append(model)
     return found
@@ -72,13 +90,20 @@ def build(app: Flask, *, auth: bool, public_metrics: bool = True) -> dict[str, A
         return refs[(model, mode)]
 
     paths: dict[str, dict[str, Any]] = {}
+    op_ids: set[str] = set()
     for rule in sorted(app.url_map.iter_rules(), key=lambda r: r.rule):
         view = app.view_functions[rule.endpoint]
         doc: Doc = getattr(view, "openapi", None) or Doc(summary=rule.endpoint)
-        path = rule.rule.replace("<", "{").replace(">", "}")
+        if doc.hidden:
+            continue
+        path = openapi_path(rule.rule)
         for method in sorted(rule.methods - {"HEAD", "OPTIONS"}):
-            op: dict[str, Any] = {"summary": doc.summary, "operationId": f"{rule.endpoint}_{method.lower()}",
-                                  "tags": [doc.tag], "responses": {}}
+            op_id = f"{rule.endpoint}_{method.lower()}"
+            if op_id in op_ids:  # one view behind several paths (/score and /v1/score)
+                op_id = re.sub(r"\W+", "_", f"{rule.endpoint}{path}_{method.lower()}")
+            op_ids.add(op_id)
+            op: dict[str, Any] = {"summary": doc.summary, "operationId": op_id, "tags": [doc.tag],
+                                  "responses": {}}
             params = [{"name": arg, "in": "path", "required": True, "schema": {"type": "string"}}
                       for arg in rule.arguments]
             if doc.query is not None:
@@ -92,18 +117,25 @@ def build(app: Flask, *, auth: bool, public_metrics: bool = True) -> dict[str, A
             if params:
                 op["parameters"] = params
             if doc.body is not None or doc.extra_bodies:
-                content = {"application/json": {"schema": ref(doc.body, "validation")}} if doc.body else {}
+                content = {}
+                if isinstance(doc.body, tuple):
+                    content["application/json"] = {"schema": {
+                        "oneOf": [ref(b, "validation") for b in doc.body]}}
+                elif doc.body is not None:
+                    content["application/json"] = {"schema": ref(doc.body, "validation")}
                 content.update(doc.extra_bodies)
                 op["requestBody"] = {"required": True, "content": content}
             for status, model in (doc.responses or {200: None}).items():
                 response: dict[str, Any] = {"description": _DESCRIPTIONS.get(status, "OK")}
                 if isinstance(model, type):
                     response["content"] = {"application/json": {"schema": ref(model, "serialization")}}
+                elif isinstance(model, tuple):
+                    response["content"] = {"application/json": {"schema": {
+                        "oneOf": [ref(m, "serialization") for m in model]}}}
                 elif isinstance(model, dict):
                     response["content"] = model
                 op["responses"][str(status)] = response
-            protected = auth and (rule.rule.startswith("/v1/") or rule.rule == "/rerank"
-                                  or (rule.rule == "/metrics" and not public_metrics))
+            protected = auth and needs_token(rule.rule, metrics_auth=not public_metrics)
             errors = set(doc.errors) | ({401} if protected else set()) | {405}
             for status in sorted(errors):
                 op["responses"][str(status)] = {
@@ -119,8 +151,9 @@ def build(app: Flask, *, auth: bool, public_metrics: bool = True) -> dict[str, A
         "info": {
             "title": "rerank-service",
             "version": "1.0",
-            "description": "Rerank with BAAI bge-reranker models: FastGPT's /v1/rerank, Cohere/Jina format, "
-                           "bulk jobs, TEI's /rerank.",
+            "description": "Rerank with BAAI bge-reranker models: FastGPT's /v1/rerank, the Cohere v1/v2, "
+                           "Jina, vLLM and Infinity formats, TEI's /rerank, vLLM's /score, bulk jobs. Every "
+                           "error is `{error, error_type, detail, fields?}`.",
         },
         "paths": paths,
         "components": {
@@ -128,14 +161,3 @@ def build(app: Flask, *, auth: bool, public_metrics: bool = True) -> dict[str, A
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
         },
     }
-
-
-DOCS_PAGE = """<!doctype html>
-<html><head><meta charset="utf-8"><title>rerank-service API</title>
-<link rel="stylesheet" href="https://cdn.jsdelivr.net/npm/swagger-ui-dist@5/swagger-ui.css"></head>
-<body><div id="ui"></div>
-<noscript>The API document is at <a href="openapi.json">/openapi.json</a>.</noscript>
-<script src="https://cdn.jsdelivr.net/npm/swagger-ui-dist@5/swagger-ui-bundle.js"></script>
-<script>SwaggerUIBundle({url: "openapi.json", dom_id: "#ui"});</script>
-</body></html>
-"""

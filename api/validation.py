@@ -5,10 +5,10 @@ Malformed JSON is a 400; JSON that does not fit the model is a 422 that names ea
 
 from __future__ import annotations
 
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from flask import request
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, RootModel, ValidationError
 
 from api.errors import ApiError
 from shared.settings import ModelSpec, Settings
@@ -29,8 +29,20 @@ def parse_body(model: type[M]) -> M:
         if any(e["type"] == "json_invalid" for e in errors):
             detail = errors[0]["ctx"].get("error", "") if errors[0].get("ctx") else ""
             raise ApiError(400, f"request body is not valid JSON: {detail}".rstrip(": ")) from None
-        if any(e["type"] == "model_type" and not e["loc"] for e in errors):
+        if any(e["type"] in ("model_type", "dict_type") and not e["loc"] for e in errors):
             raise ApiError(422, "request body must be a JSON object") from None
+        raise invalid(exc, "invalid request") from None
+
+
+class JsonObject(RootModel[dict[str, Any]]):
+    """Any JSON object: for a route that picks the model of its body by what the body holds."""
+
+
+def validate(model: type[M], data: dict[str, Any]) -> M:
+    """`data` (already parsed JSON) as `model`, or the 422 naming each bad field."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
         raise invalid(exc, "invalid request") from None
 
 

@@ -1,12 +1,23 @@
-"""Side-by-side benchmark: the scoring function in-process (ceiling), the seed's one-request-at-a-
-time server (naive) and this service end to end (gunicorn API, Redis, Celery worker), on the same
-machine, model folders and inputs. Prints one table of figures and ratios and writes it as JSON.
+"""Side-by-side benchmark: the model in-process (ceiling), the seed's one-request-at-a-time server
+(naive) and this service end to end (gunicorn API, Redis, Celery worker, engine process), on the
+same machine, model folders and inputs, measured in turns. Prints one table of figures and ratios
+and writes it as JSON under bench/results/.
 
-    python -m bench.run                       # everything (about 20 minutes on 2 CPU cores)
-    python -m bench.run --only w2,w3 --quick  # a smaller, faster pass
+    python -m bench.run                         # CPU: everything (about 30 minutes on 2 cores)
+    python -m bench.run --only w2,w3 --quick    # a smaller, faster pass
+    python -m bench.run --device sim            # the GPU path on a simulated H100 (engine/backends/sim.py)
+    python -m bench.run --device cuda           # on a GPU machine
 
-Models are random-weight XLM-R rerankers built once under bench/.cache: the exact
-bge-reranker-base architecture for W1, a small one (4 layers, hidden 256) for W2-W4.
+CPU: random-weight XLM-R models built once under bench/.cache, the exact bge-reranker-base
+architecture for W1 and a small one (4 layers, hidden 256) for W2-W4.
+GPU and sim: the bge-reranker-base architecture throughout, FastGPT-like lengths (documents of
+150-650 tokens), 64 clients in W2, a bulk job of 200 000 pairs in W4, the cold-start burst W5,
+the ceiling is the model alone on pre-tokenized pairs (best backend), and a fourth column,
+"before", is the service laid out as it was before the engine process and CUDA graphs
+(ENGINE_PROCESS=false CUDA_GRAPHS=off): the loss the H100 showed, and what was won back. With
+`--device sim` every figure is of the simulated device, and the table says so.
+The CPU time each process spent per pair (API, worker, engine, Redis) is reported for W2 and W4,
+so the host cores a GPU needs can be computed.
 """
 
 from __future__ import annotations
@@ -23,6 +34,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -39,12 +51,23 @@ ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / "bench" / ".cache"
 RESULTS = ROOT / "bench" / "results"
 
-TARGETS = {
+TARGETS_CPU = {
     "w1_service_over_ceiling": ("<=", 1.15),
     "w2_service_over_naive": (">=", 3.0),
     "w2_service_over_ceiling": (">=", 0.85),
     "w3_added_ms_p50": ("<=", 5.0),
     "w4_service_over_ceiling": (">=", 0.95),
+}
+#: Issue 11's targets on a GPU (and on the simulated one, as far as 2 cores allow).
+TARGETS_GPU = {
+    "w1_service_over_ceiling": ("<=", 1.15),
+    "w2_service_over_naive": (">=", 3.0),
+    "w2_service_over_ceiling": (">=", 0.9),
+    "w3_added_ms_p50": ("<=", 3.0),
+    "w3_service_over_naive": ("<=", 0.6),
+    "w4_service_over_ceiling": (">=", 0.95),
+    "w5_429": ("<=", 0),
+    "engine_cpu_us_per_pair_outside_forward": ("<=", 20.0),
 }
 
 
@@ -60,15 +83,20 @@ class Workloads:
 
 
 def make_workloads(tokenizer, *, seed: int, w1_docs: int, w2_clients: int, w2_requests: int,
-                   w3_requests: int, w4_pairs: int) -> Workloads:
-    """Query and document lengths from a fixed seed: documents 30-400 tokens, queries 8-32."""
+                   w3_requests: int, w4_pairs: int, doc_tokens: tuple[int, int]) -> Workloads:
+    """Query and document lengths from a fixed seed: queries 8-32 tokens, documents `doc_tokens`."""
     rng = random.Random(seed)
+    pool = {}
+
+    def text(n: int) -> str:  # a few texts per length, reused: building them is the slow part
+        key = (n, rng.randrange(3))
+        if key not in pool:
+            pool[key] = documents_of_length(tokenizer, [n], seed=rng.randrange(10**9))[0]
+        return pool[key]
 
     def request(n_docs: int) -> tuple[str, list[str]]:
-        query = documents_of_length(tokenizer, [rng.randint(8, 32)], seed=rng.randrange(10**9))[0]
-        docs = documents_of_length(tokenizer, [rng.randint(30, 400) for _ in range(n_docs)],
-                                   seed=rng.randrange(10**9))
-        return query, docs
+        query = text(rng.randint(8, 32))
+        return query, [text(rng.randint(*doc_tokens)) for _ in range(n_docs)]
 
     return Workloads(
         w1=[request(w1_docs)],
@@ -78,11 +106,11 @@ def make_workloads(tokenizer, *, seed: int, w1_docs: int, w2_clients: int, w2_re
     )
 
 
-def model_dir(arch: str) -> Path:
-    path = CACHE / arch
+def model_dir(arch: str, weights: bool = True) -> Path:
+    path = CACHE / (arch if weights else f"{arch}-config-only")
     if not (path / "config.json").exists():
         print(f"building a random {arch} model in {path}", flush=True)
-        build_model(path, arch)
+        build_model(path, arch, weights=weights)
     return path
 
 
@@ -99,17 +127,20 @@ class Timing:
     latencies: list[float] = field(default_factory=list)
     pairs: int = 0
     wall: float = 0.0
+    statuses: Counter = field(default_factory=Counter)
 
     def summary(self) -> dict[str, float]:
-        out = {}
+        out: dict[str, float] = {}
         if self.latencies:
             out = {"p50_ms": pct(self.latencies, 0.5) * 1000, "p95_ms": pct(self.latencies, 0.95) * 1000}
         if self.wall:
             out["pairs_per_s"] = self.pairs / self.wall
+        if self.statuses:
+            out["errors"] = sum(n for s, n in self.statuses.items() if s != 200)
         return out
 
 
-def run_clients(call: Callable[[str, list[str]], None], per_client: list[list[tuple[str, list[str]]]]) -> Timing:
+def run_clients(call: Callable[[str, list[str]], int], per_client: list[list[tuple[str, list[str]]]]) -> Timing:
     """Each client sends its requests one after another; clients run concurrently."""
     timing = Timing()
     lock = threading.Lock()
@@ -117,11 +148,12 @@ def run_clients(call: Callable[[str, list[str]], None], per_client: list[list[tu
     def client(requests_: list[tuple[str, list[str]]]) -> None:
         for query, docs in requests_:
             started = time.perf_counter()
-            call(query, docs)
+            status = call(query, docs)
             took = time.perf_counter() - started
             with lock:
                 timing.latencies.append(took)
                 timing.pairs += len(docs)
+                timing.statuses[status] += 1
 
     started = time.perf_counter()
     with ThreadPoolExecutor(len(per_client)) as pool:
@@ -130,52 +162,106 @@ def run_clients(call: Callable[[str, list[str]], None], per_client: list[list[tu
     return timing
 
 
-def http_caller(url: str) -> Callable[[str, list[str]], None]:
+def http_caller(url: str, strict: bool = True) -> Callable[[str, list[str]], int]:
     local = threading.local()
 
-    def call(query: str, docs: list[str]) -> None:
+    def call(query: str, docs: list[str]) -> int:
         session = getattr(local, "session", None) or requests.Session()
         local.session = session
         r = session.post(url + "/v1/rerank", json={"query": query, "documents": docs}, timeout=900)
-        if r.status_code != 200:
+        if strict and r.status_code != 200:
             raise RuntimeError(f"{r.status_code}: {r.text[:200]}")
+        return r.status_code
 
     return call
 
 
-# --- the three systems, loaded side by side and measured in turns -------------------------------
-# All three stay loaded while the others run (idle processes cost nothing measurable), and every
+class CPU:
+    """CPU seconds (user + system) of groups of processes, from /proc (Linux)."""
+
+    TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+    def __init__(self, groups: dict[str, list[int]]) -> None:
+        self.groups = groups
+
+    @classmethod
+    def seconds(cls, pid: int) -> float:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / cls.TICK
+        except (OSError, IndexError, ValueError):
+            return 0.0
+
+    @staticmethod
+    def children(pid: int) -> list[int]:
+        out = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    out.append(int(stat.parent.name))
+            except (OSError, IndexError, ValueError):
+                pass
+        return out
+
+    def snapshot(self) -> dict[str, float]:
+        return {name: sum(self.seconds(p) for p in pids) for name, pids in self.groups.items()}
+
+
+# --- the systems, loaded side by side and measured in turns ---------------------------------------
+# All stay loaded while the others run (idle processes cost nothing measurable), and every
 # measurement alternates between them, so the slow drift of this VM's speed (~10 %) falls on all
-# three alike instead of on whichever happened to run last.
+# of them alike instead of on whichever happened to run last.
 
 
 class Ceiling:
-    """The scoring function called in-process: no HTTP, no queue."""
+    """The model in-process: the engine without HTTP, queue or processes. On a GPU (or the
+    simulated one) pairs are tokenized before the clock starts: the model alone."""
 
     name = "ceiling"
 
-    def __init__(self, path: Path, device: str) -> None:
-        from worker.model import load_reranker
-        from worker.scoring import ScoringSettings, default_batch_tokens, score_pairs
+    def __init__(self, path: Path, device: str, pretokenized: bool) -> None:
+        from engine import Engine, EngineConfig
 
-        self.reranker = load_reranker(str(path), device=device)
-        self.settings = ScoringSettings(max_batch_tokens=default_batch_tokens(self.reranker.device.type))
-        self._score = score_pairs
+        self.engine = Engine.start(EngineConfig(source=str(path), device=device))
+        self.pretokenized = pretokenized
 
-    def call(self, query: str, docs: list[str]) -> None:
-        self._score(self.reranker, [(query, d) for d in docs], self.settings)
+    def call(self, query: str, docs: list[str]) -> int:
+        if self.pretokenized:
+            encoded = self.engine.encoder.encode(query, docs)
+            started = time.perf_counter()
+            self.engine.run(encoded)
+            self.last = time.perf_counter() - started
+        else:
+            self.engine.score(query, docs)
+        return 200
+
+    def clients(self, per_client: list[list[tuple[str, list[str]]]]) -> Timing:
+        """Requests one after another (W1, W3), timing only what the ceiling counts."""
+        timing = Timing()
+        for requests_ in per_client:
+            for query, docs in requests_:
+                started = time.perf_counter()
+                self.call(query, docs)
+                timing.latencies.append(self.last if self.pretokenized else time.perf_counter() - started)
+                timing.pairs += len(docs)
+        return timing
 
     def whole(self, requests_: list[tuple[str, list[str]]]) -> Timing:
-        """The whole workload as one call (the batcher's best case: global sort)."""
+        """The whole workload as one request (the batcher's best case: a global length sort)."""
         pairs = [(q, d) for q, docs in requests_ for d in docs]
         started = time.perf_counter()
-        self._score(self.reranker, pairs, self.settings)
-        took = time.perf_counter() - started
-        return Timing([], len(pairs), took)
+        encoded, _ = self.engine.encoder.encode_pairs(pairs)
+        if self.pretokenized:
+            started = time.perf_counter()
+        self.engine.run(encoded)
+        return Timing([], len(pairs), time.perf_counter() - started)
+
+    def close(self) -> None:
+        self.engine.stop()
 
 
 class Naive:
-    """The seed's way: one request at a time over HTTP, unsorted batches of 256."""
+    """The seed's way: one request at a time over HTTP, unsorted batches of 256, eager passes."""
 
     name = "naive"
 
@@ -193,26 +279,47 @@ class Naive:
 
 
 class Service:
-    """This project end to end: gunicorn API, Redis, a Celery worker."""
+    """This project end to end: gunicorn API, Redis, a Celery worker with its engine process."""
 
-    name = "service"
-
-    def __init__(self, path: Path, log_dir: Path, device: str) -> None:
+    def __init__(self, path: Path, log_dir: Path, device: str, name: str = "service",
+                 extra: dict[str, str] | None = None, warm: bool = True) -> None:
+        self.name = name
         self.redis, redis_url = start_redis(log_dir)
         env = base_env(REDIS_URL=redis_url, MODELS=f"bench={path}", SYNC_TIMEOUT="900", DEVICE=device,
-                       DATA_DIR=str(log_dir / f"data-{path.name}"), LOG_LEVEL="WARNING",
-                       API_WORKERS="2", API_THREADS="32", HEARTBEAT_INTERVAL="0.5")
-        self.worker = start_worker(f"worker-{path.name}", env, log_dir, "bench")
-        self.api, self.url = start_api(f"api-{path.name}", env, log_dir)
+                       DATA_DIR=str(log_dir / f"data-{name}-{path.name}"), LOG_LEVEL="WARNING",
+                       API_WORKERS="2", API_THREADS="64", HEARTBEAT_INTERVAL="0.5", **(extra or {}))
+        self.env = env
+        self.started = time.perf_counter()
+        self.worker = start_worker(f"{name}-worker-{path.name}", env, log_dir, "bench")
+        self.api, self.url = start_api(f"{name}-api-{path.name}", env, log_dir)
+        self.ready_after = time.perf_counter() - self.started
         self.call = http_caller(self.url)
-        self.call("warm", ["up"])
+        if warm:
+            self.call("warm", ["up"])
+
+    def worker_info(self) -> dict:
+        import redis as redis_lib
+
+        from shared.workers import WorkerRegistry
+
+        (info,) = WorkerRegistry(redis_lib.Redis.from_url(self.env["REDIS_URL"])).alive("bench", fresh=True)
+        return info
+
+    def cpu(self) -> CPU:
+        info = self.worker_info()
+        groups = {"api": [self.api.pid, *CPU.children(self.api.pid)], "worker": [self.worker.pid],
+                  "redis": [self.redis.pid]}
+        if info.get("engine_pid") and info["engine_pid"] != self.worker.pid:
+            groups["engine"] = [info["engine_pid"]]
+        return CPU(groups)
 
     def bulk_job(self, items: list[tuple[str, list[str]]]) -> Timing:
-        """Through the job path: submit, poll until done; from submission to the end."""
-        body = {"items": [{"query": q, "documents": d} for q, d in items]}
+        """Through the job path (JSON Lines upload): submit, poll until done."""
+        body = "".join(json.dumps({"query": q, "documents": d}) + "\n" for q, d in items).encode()
         pairs = sum(len(d) for _, d in items)
         started = time.perf_counter()
-        r = requests.post(self.url + "/v1/rerank/jobs", json=body, timeout=600)
+        r = requests.post(self.url + "/v1/rerank/jobs", data=body, timeout=600,
+                          headers={"Content-Type": "application/jsonl"})
         r.raise_for_status()
         job = r.json()["id"]
         while True:
@@ -225,12 +332,13 @@ class Service:
         return Timing([], pairs, time.perf_counter() - started)
 
     def model_counters(self, after: float = 0.0) -> dict[str, float]:
-        """The worker's model seconds, pairs and tokens so far, from /metrics (published with each
-        heartbeat, so wait for one that started after `after`)."""
+        """The worker's model seconds, pairs, tokens and forward CPU so far, from /metrics
+        (published with each heartbeat, so wait for one that started after `after`)."""
         from prometheus_client.parser import text_string_to_metric_families
 
         wanted = {"rerank_batch_seconds_sum": "model_s", "rerank_pairs_scored_total": "pairs",
-                  "rerank_tokens_scored_total": "real_tokens", "rerank_tokens_computed_total": "padded_tokens"}
+                  "rerank_tokens_scored_total": "real_tokens", "rerank_tokens_computed_total": "padded_tokens",
+                  "rerank_forward_cpu_seconds_total": "forward_cpu"}
         while time.time() < after + 1.5:  # three heartbeats of 0.5 s
             time.sleep(0.1)
         out = dict.fromkeys(wanted.values(), 0.0)
@@ -247,94 +355,149 @@ class Service:
         self.redis.stop()
 
 
+def cpu_per_pair(service: Service, run: Callable[[], Timing]) -> tuple[Timing, dict[str, float]]:
+    """Run a workload on the service; microseconds of CPU per pair of each of its processes, and
+    of the engine process outside forward passes (its total minus its model thread's CPU inside
+    launch and finish)."""
+    cpu = service.cpu()
+    before, counters = cpu.snapshot(), service.model_counters()
+    timing = run()
+    after, counters_after = cpu.snapshot(), service.model_counters(after=time.time())
+    pairs = max(timing.pairs, 1)
+    out = {f"{name}_us_per_pair": (after[name] - before[name]) * 1e6 / pairs for name in before}
+    if "engine" in before:
+        forward = counters_after["forward_cpu"] - counters["forward_cpu"]
+        out["engine_outside_forward_us_per_pair"] = ((after["engine"] - before["engine"]) - forward) * 1e6 / pairs
+    return timing, out
+
+
 def measure(path: Path, w: Workloads, only: set[str], log_dir: Path, args) -> dict[str, dict]:
-    """Every requested workload on all three systems, in turns."""
-    out: dict[str, dict] = {"ceiling": {}, "naive": {}, "service": {}}
+    """Every requested workload on every system, in turns."""
+    gpu = args.device != "cpu"
+    out: dict[str, dict] = {"ceiling": {}, "naive": {}, "before": {}, "service": {}}
     naive = Naive(path, log_dir, args.device) if only & {"w1", "w2", "w3"} else None
     service = Service(path, log_dir, args.device)
-    ceiling = Ceiling(path, args.device)
+    before = (Service(path, log_dir, args.device, name="before", extra={"ENGINE_PROCESS": "false",
+                                                                           "CUDA_GRAPHS": "off"})
+              if gpu and args.before else None)
+    ceiling = Ceiling(path, args.device, pretokenized=gpu)
     ceiling.call("warm", ["up"])
-    systems = [s for s in (ceiling, naive, service) if s is not None]
+    services = [s for s in (service, before) if s is not None]
+    systems = [s for s in (ceiling, naive, *services) if s is not None]
     try:
         if "w1" in only:
             print("  W1 …", flush=True)
             runs = {s.name: Timing() for s in systems}
             for _ in range(args.w1_reps):
                 for system in systems:
-                    runs[system.name].latencies += run_clients(system.call, [w.w1]).latencies
+                    timing = ceiling.clients([w.w1]) if system is ceiling else run_clients(system.call, [w.w1])
+                    runs[system.name].latencies += timing.latencies
             for name, timing in runs.items():
                 out[name]["w1"] = timing.summary()
         if "w2" in only:
-            print("  W2 …", flush=True)
+            print(f"  W2 ({len(w.w2)} clients) …", flush=True)
             best: dict[str, dict] = {}
             for _ in range(args.repeat):
                 for system in systems:
-                    timing = ceiling.whole([r for c in w.w2 for r in c]) if system is ceiling \
-                        else run_clients(system.call, w.w2)
-                    summary = timing.summary()
+                    if system is ceiling:
+                        summary = ceiling.whole([r for c in w.w2 for r in c]).summary()
+                    elif isinstance(system, Service):
+                        timing, cpu = cpu_per_pair(system, lambda s=system: run_clients(s.call, w.w2))
+                        summary = {**timing.summary(), "cpu": cpu}
+                    else:
+                        summary = run_clients(system.call, w.w2).summary()
                     if summary["pairs_per_s"] > best.get(system.name, {}).get("pairs_per_s", 0):
                         best[system.name] = summary
             for name, summary in best.items():
                 out[name]["w2"] = summary
-            out["ceiling"]["w2_seed_scoring_in_process"] = seed_profile(ceiling, w)
+            if not gpu:
+                out["ceiling"]["w2_seed_scoring_in_process"] = seed_profile(ceiling, w)
         if "w3" in only:
             print("  W3 …", flush=True)
             best = {}
             for _ in range(args.repeat):
                 for system in systems:
-                    summary = run_clients(system.call, [w.w3]).summary()
+                    timing = ceiling.clients([w.w3]) if system is ceiling else run_clients(system.call, [w.w3])
+                    summary = timing.summary()
                     if summary["p50_ms"] < best.get(system.name, {}).get("p50_ms", float("inf")):
                         best[system.name] = summary
             for name, summary in best.items():
                 out[name]["w3"] = summary
         if "w4" in only:
-            print("  W4 …", flush=True)
-            totals = {"ceiling": Timing(), "service": Timing()}
-            model = dict.fromkeys(("model_s", "pairs", "real_tokens", "padded_tokens"), 0.0)
+            print(f"  W4 ({sum(len(d) for _, d in w.w4)} pairs) …", flush=True)
+            totals = {s.name: Timing() for s in (ceiling, *services)}
+            cpu: dict[str, dict[str, float]] = {s.name: {} for s in services}
+            model = {s.name: dict.fromkeys(("model_s", "pairs", "real_tokens", "padded_tokens"), 0.0)
+                     for s in services}
             part = max(1, len(w.w4) // 4)
             for start in range(0, len(w.w4), part):
                 chunk = w.w4[start : start + part]
-                before = service.model_counters()
-                for name, timing in (("ceiling", ceiling.whole(chunk)), ("service", service.bulk_job(chunk))):
-                    totals[name].pairs += timing.pairs
-                    totals[name].wall += timing.wall
-                after = service.model_counters(after=time.time())
-                for key in model:
-                    model[key] += after[key] - before[key]
+                timing = ceiling.whole(chunk)
+                totals["ceiling"].pairs += timing.pairs
+                totals["ceiling"].wall += timing.wall
+                for system in services:
+                    counters = system.model_counters()
+                    timing, figures = cpu_per_pair(system, lambda s=system: s.bulk_job(chunk))
+                    totals[system.name].pairs += timing.pairs
+                    totals[system.name].wall += timing.wall
+                    for key, value in figures.items():
+                        cpu[system.name][key] = cpu[system.name].get(key, 0.0) + value * timing.pairs
+                    after = system.model_counters(after=time.time())
+                    for key in model[system.name]:
+                        model[system.name][key] += after[key] - counters[key]
             for name, timing in totals.items():
                 out[name]["w4"] = {"pairs_per_s": timing.pairs / timing.wall, "pairs": timing.pairs,
                                    "seconds": timing.wall}
-            # Where the service's W4 time went: model busy share of the wall, the model's own pace
-            # while busy, and padding (the ceiling sorts the whole workload at once).
-            out["service"]["w4_profile"] = {
-                "model_busy_share": model["model_s"] / totals["service"].wall,
-                "pairs_per_model_second": model["pairs"] / model["model_s"] if model["model_s"] else 0.0,
-                "real_over_padded_tokens": model["real_tokens"] / model["padded_tokens"] if model["padded_tokens"] else 0.0,
-            }
+            for system in services:
+                m, t = model[system.name], totals[system.name]
+                out[system.name]["w4"]["cpu"] = {k: v / t.pairs for k, v in cpu[system.name].items()}
+                # Where the W4 time went: model busy share of the wall, the model's own pace while
+                # busy, and padding (the ceiling sorts the whole workload at once).
+                out[system.name]["w4_profile"] = {
+                    "model_busy_share": m["model_s"] / t.wall,
+                    "pairs_per_model_second": m["pairs"] / m["model_s"] if m["model_s"] else 0.0,
+                    "real_over_padded_tokens": m["real_tokens"] / m["padded_tokens"] if m["padded_tokens"] else 0.0,
+                }
     finally:
-        service.close()
-        if naive is not None:
-            naive.close()
-        del ceiling
+        for system in systems:
+            if system is not ceiling:
+                system.close()
+        ceiling.close()
         gc.collect()
+    if "w5" in only and gpu:
+        print("  W5 (cold start burst) …", flush=True)
+        out["service"]["w5"] = cold_start_burst(path, w, log_dir, args)
     return out
 
 
+def cold_start_burst(path: Path, w: Workloads, log_dir: Path, args) -> dict[str, float]:
+    """A fresh stack; the moment it answers ready, 64 clients send FastGPT-like calls (closed loop)."""
+    service = Service(path, log_dir, args.device, name="cold", warm=False)
+    try:
+        call = http_caller(service.url, strict=False)
+        timing = run_clients(call, w.w2)
+        return {**timing.summary(), "ready_after_s": service.ready_after, "calls": sum(timing.statuses.values()),
+                "statuses": {str(k): v for k, v in timing.statuses.items()}, "429": timing.statuses.get(429, 0)}
+    finally:
+        service.close()
+
+
 def seed_profile(ceiling: Ceiling, w: Workloads) -> dict[str, float]:
-    """Why the naive server is slow: the seed's scoring alone, in-process, and its padding."""
+    """Why the naive server is slow on a CPU: the seed's scoring alone, in-process, and its padding."""
     from bench.naive_server import SEED_BATCH, naive_scores
 
+    encoder, backend = ceiling.engine.encoder, ceiling.engine.scorer.batcher.backend
     requests_ = [r for c in w.w2 for r in c]
     real = padded = 0
     for query, docs in requests_:
-        lengths = [len(x) for x in ceiling.reranker.encode(query, docs)]
+        lengths = encoder.encode(query, docs).lengths.tolist()
         real += sum(lengths)
         for start in range(0, len(lengths), SEED_BATCH):
             chunk = lengths[start : start + SEED_BATCH]
             padded += len(chunk) * max(chunk)
     started = time.perf_counter()
     for query, docs in requests_:
-        naive_scores(ceiling.reranker, query, docs)
+        naive_scores(encoder, backend, query, docs)
     took = time.perf_counter() - started
     return {"pairs_per_s": sum(len(d) for _, d in requests_) / took, "real_over_padded_tokens": real / padded}
 
@@ -352,40 +515,68 @@ def ratios(r: dict) -> dict[str, float]:
             out["w2_service_over_naive"] = s["w2"]["pairs_per_s"] / n["w2"]["pairs_per_s"]
         if "w2" in c:
             out["w2_service_over_ceiling"] = s["w2"]["pairs_per_s"] / c["w2"]["pairs_per_s"]
+        if "w2" in r.get("before", {}) and "w2" in c:
+            out["w2_before_over_ceiling"] = r["before"]["w2"]["pairs_per_s"] / c["w2"]["pairs_per_s"]
     if "w3" in s and "w3" in c:
         out["w3_added_ms_p50"] = s["w3"]["p50_ms"] - c["w3"]["p50_ms"]
+        if "w3" in n:
+            out["w3_service_over_naive"] = s["w3"]["p50_ms"] / n["w3"]["p50_ms"]
     if "w4" in s and "w4" in c:
         out["w4_service_over_ceiling"] = s["w4"]["pairs_per_s"] / c["w4"]["pairs_per_s"]
+        if "w4" in r.get("before", {}):
+            out["w4_before_over_ceiling"] = r["before"]["w4"]["pairs_per_s"] / c["w4"]["pairs_per_s"]
+    if "w5" in s:
+        out["w5_429"] = s["w5"]["429"]
+    cpu = s.get("w2", {}).get("cpu", {})
+    if "engine_outside_forward_us_per_pair" in cpu:
+        out["engine_cpu_us_per_pair_outside_forward"] = cpu["engine_outside_forward_us_per_pair"]
     return out
 
 
 def table(report: dict) -> str:
     r = report["results"]
-    rows = [("workload", "metric", "ceiling", "naive", "service", "ratio", "target", "met")]
+    gpu = report["device"] != "cpu"
+    targets = TARGETS_GPU if gpu else TARGETS_CPU
+    systems = ["ceiling", "naive", "before", "service"] if gpu else ["ceiling", "naive", "service"]
+    rows = [("workload", "metric", *systems, "ratio", "target", "met")]
 
     def fig(system: str, wl: str, key: str) -> str:
         if not key:  # a ratio-only row
             return ""
         value = r.get(system, {}).get(wl, {}).get(key)
-        return "–" if value is None else (f"{value:.1f}" if value < 1000 else f"{value:.0f}")
+        if value is None:
+            return "–"
+        return f"{value:.2f}" if value < 10 else f"{value:.1f}" if value < 1000 else f"{value:.0f}"
 
     def add(wl, metric, key, ratio_key=None):
         ratio = report["ratios"].get(ratio_key) if ratio_key else None
-        op, target = TARGETS.get(ratio_key, ("", None)) if ratio_key else ("", None)
+        op, target = targets.get(ratio_key, ("", None)) if ratio_key else ("", None)
         met = "" if ratio is None or target is None else ("yes" if (ratio <= target if op == "<=" else ratio >= target) else "NO")
-        rows.append((wl, metric, fig("ceiling", wl, key), fig("naive", wl, key), fig("service", wl, key),
+        rows.append((wl, metric, *(fig(s, wl, key) for s in systems),
                      "" if ratio is None else f"{ratio:.2f}", "" if target is None else f"{op} {target:g}", met))
 
     add("w1", "latency p50 ms", "p50_ms", "w1_service_over_ceiling")
     add("w1", "latency p95 ms", "p95_ms")
     add("w2", "pairs/s", "pairs_per_s", "w2_service_over_naive")
     add("w2", "  (service / ceiling)", "", "w2_service_over_ceiling")
+    if gpu:
+        add("w2", "  (before / ceiling)", "", "w2_before_over_ceiling")
+        add("w2", "errors", "errors")
     add("w2", "latency p95 ms", "p95_ms")
     add("w3", "latency p50 ms", "p50_ms", "w3_added_ms_p50")
+    if gpu:
+        add("w3", "  (service / naive)", "", "w3_service_over_naive")
     add("w4", "pairs/s", "pairs_per_s", "w4_service_over_ceiling")
+    if gpu:
+        add("w4", "  (before / ceiling)", "", "w4_before_over_ceiling")
+        add("w5", "429 answers, cold burst", "429", "w5_429")
+        add("cpu", "engine µs/pair outside fwd", "", "engine_cpu_us_per_pair_outside_forward")
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
-    lines = [" | ".join(str(v).ljust(w) for v, w in zip(row, widths)) for row in rows]
-    lines.insert(1, "-+-".join("-" * w for w in widths))
+    lines = [" | ".join(str(v).ljust(wd) for v, wd in zip(row, widths)) for row in rows]
+    lines.insert(1, "-+-".join("-" * wd for wd in widths))
+    if report["device"] == "sim":
+        lines.insert(0, "SIMULATED H100 (DEVICE=sim, engine/backends/sim.py): device times are replayed from "
+                        "measured H100 timings; every other cost is real on this machine.")
     seed = r.get("ceiling", {}).get("w2_seed_scoring_in_process")
     ceil = r.get("ceiling", {}).get("w2", {}).get("pairs_per_s")
     if seed and ceil:
@@ -394,13 +585,24 @@ def table(report: dict) -> str:
             f"({100 * seed['real_over_padded_tokens']:.0f} % of its computed tokens are real); the ceiling, "
             f"length-sorted under a token budget, does {ceil:.1f}: x{ceil / seed['pairs_per_s']:.2f} is all "
             "that scoring order can gain on this device.")
-    prof = r.get("service", {}).get("w4_profile")
     ceil4 = r.get("ceiling", {}).get("w4", {}).get("pairs_per_s")
-    if prof and ceil4:
-        lines.append(
-            f"W4 profile: the worker's model ran {100 * prof['model_busy_share']:.0f} % of the job's wall time, "
-            f"at {prof['pairs_per_model_second']:.1f} pairs per model-second ({prof['pairs_per_model_second'] / ceil4:.2f} "
-            f"x the ceiling's {ceil4:.1f}); {100 * prof['real_over_padded_tokens']:.0f} % of its computed tokens were real.")
+    for name in ("before", "service"):
+        prof = r.get(name, {}).get("w4_profile")
+        if prof and ceil4:
+            lines.append(
+                f"W4 profile ({name}): the model ran {100 * prof['model_busy_share']:.0f} % of the job's wall time, "
+                f"at {prof['pairs_per_model_second']:.1f} pairs per model-second "
+                f"({prof['pairs_per_model_second'] / ceil4:.2f} x the ceiling's {ceil4:.1f}); "
+                f"{100 * prof['real_over_padded_tokens']:.0f} % of its computed tokens were real.")
+    for wl in ("w2", "w4"):
+        for name in ("before", "service"):
+            cpu = r.get(name, {}).get(wl, {}).get("cpu")
+            if cpu:
+                parts = ", ".join(f"{k.removesuffix('_us_per_pair').replace('_', ' ')} {v:.0f}" for k, v in cpu.items())
+                lines.append(f"CPU µs per pair, {wl.upper()} ({name}): {parts}")
+    w5 = r.get("service", {}).get("w5")
+    if w5:
+        lines.append(f"W5: ready {w5['ready_after_s']:.1f} s after start; {w5['calls']} calls right after: {w5['statuses']}")
     return "\n".join(lines)
 
 
@@ -422,48 +624,62 @@ def machine() -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", default="w1,w2,w3,w4", help="workloads to run (comma-separated)")
+    parser.add_argument("--only", help="workloads to run, comma-separated (default w1-w4; w5 too on GPU/sim)")
     parser.add_argument("--quick", action="store_true", help="smaller workloads, for a smoke run")
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, or sim (a simulated H100)")
+    parser.add_argument("--before", action=argparse.BooleanOptionalAction, default=True,
+                        help="GPU/sim: also run the pre-engine layout (ENGINE_PROCESS=false CUDA_GRAPHS=off)")
     parser.add_argument("--w1-reps", type=int, default=5)
     parser.add_argument("--repeat", type=int, default=3, help="W2 and W3 turns per system; the best counts")
-    parser.add_argument("--w2-requests", type=int, default=4, help="requests per W2 client (16 clients)")
+    parser.add_argument("--w2-clients", type=int)
+    parser.add_argument("--w2-requests", type=int, default=4, help="requests per W2 client")
     parser.add_argument("--w3-requests", type=int, default=100)
-    parser.add_argument("--w4-pairs", type=int, default=20000)
+    parser.add_argument("--w4-pairs", type=int)
     parser.add_argument("--w1-arch", default="base")
-    parser.add_argument("--arch", default="small", help="model of W2-W4")
-    parser.add_argument("--out", help="JSON file (default bench/results/<machine>-<date>.json)")
+    parser.add_argument("--arch", help="model of W2-W4 (default: small on CPU, base on GPU/sim)")
+    parser.add_argument("--out", help="JSON file (default bench/results/<device>-<date>.json)")
     args = parser.parse_args(argv)
+    gpu = args.device != "cpu"
+    args.arch = args.arch or ("base" if gpu else "small")
+    args.w2_clients = args.w2_clients or (64 if gpu else 16)
+    args.w4_pairs = args.w4_pairs or (200_000 if gpu else 20_000)
     if args.quick:
-        args.w1_reps, args.w2_requests, args.w3_requests, args.w4_pairs, args.repeat = 2, 1, 20, 1000, 1
-    only = set(args.only.split(","))
+        args.w1_reps, args.w2_requests, args.w3_requests, args.repeat = 2, 1, 20, 1
+        args.w4_pairs = min(args.w4_pairs, 4000 if gpu else 1000)
+    only = set((args.only or ("w1,w2,w3,w4,w5" if gpu else "w1,w2,w3,w4")).split(","))
 
-    small = model_dir(args.arch)
+    weights = args.device != "sim"  # the simulated device never loads weights
+    small = model_dir(args.arch, weights)
     from transformers import AutoTokenizer
 
-    w = make_workloads(AutoTokenizer.from_pretrained(str(small)), seed=1234, w1_docs=100, w2_clients=16,
-                       w2_requests=args.w2_requests, w3_requests=args.w3_requests, w4_pairs=args.w4_pairs)
+    w = make_workloads(AutoTokenizer.from_pretrained(str(small)), seed=1234, w1_docs=100, w2_clients=args.w2_clients,
+                       w2_requests=args.w2_requests, w3_requests=args.w3_requests, w4_pairs=args.w4_pairs,
+                       doc_tokens=(150, 650) if gpu else (30, 400))
     log_dir = Path(tempfile.mkdtemp(prefix="rerank-bench-"))
     print(f"logs in {log_dir}", flush=True)
-    results: dict[str, dict] = {"ceiling": {}, "naive": {}, "service": {}}
+    results: dict[str, dict] = {"ceiling": {}, "naive": {}, "before": {}, "service": {}}
     if "w1" in only:
         print(f"W1 on {args.w1_arch} …", flush=True)
-        for name, figures in measure(model_dir(args.w1_arch), w, {"w1"}, log_dir, args).items():
+        for name, figures in measure(model_dir(args.w1_arch, weights), w, {"w1"}, log_dir, args).items():
             results[name].update(figures)
-    rest = only & {"w2", "w3", "w4"}
+    rest = only & {"w2", "w3", "w4", "w5"}
     if rest:
         print(f"{', '.join(sorted(rest)).upper()} on {args.arch} …", flush=True)
         for name, figures in measure(small, w, rest, log_dir, args).items():
             results[name].update(figures)
 
-    report = {"machine": machine(), "models": {"w1": args.w1_arch, "w2_w4": args.arch},
-              "workloads": {"repeat_best_of": args.repeat, "w1_docs": 100, "w1_reps": args.w1_reps, "w2_clients": 16, "w2_requests_per_client": args.w2_requests,
-                            "w3_requests": args.w3_requests, "w4_pairs": sum(len(d) for _, d in w.w4)},
+    report = {"machine": machine(), "device": args.device, "simulated": args.device == "sim",
+              "models": {"w1": args.w1_arch, "w2_w4": args.arch},
+              "workloads": {"repeat_best_of": args.repeat, "w1_docs": 100, "w1_reps": args.w1_reps,
+                            "w2_clients": args.w2_clients, "w2_requests_per_client": args.w2_requests,
+                            "w3_requests": args.w3_requests, "w4_pairs": sum(len(d) for _, d in w.w4),
+                            "doc_tokens": [150, 650] if gpu else [30, 400]},
               "results": results}
     report["ratios"] = ratios(results)
     text = table(report)
     print("\n" + text)
-    out = Path(args.out) if args.out else RESULTS / f"{'gpu' if report['machine']['cuda'] else 'cpu'}-{report['machine']['date'][:10]}.json"
+    kind = "sim" if args.device == "sim" else "gpu" if report["machine"]["cuda"] and gpu else "cpu"
+    out = Path(args.out) if args.out else RESULTS / f"{kind}-{report['machine']['date'][:10]}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     report["table"] = text
     out.write_text(json.dumps(report, indent=2))

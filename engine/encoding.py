@@ -10,15 +10,18 @@ Pair inputs leave this module as packed int32 arrays (`Encoded`: lengths and ids
 never as lists of Python ints: they cross a process boundary and become a tensor without any
 per-token Python work on the model's side.
 
-Needs only the tokenizer (and transformers' loader, which finds it from a hub id or a folder):
-no torch, so it runs wherever text is turned into tokens.
+Needs only the `tokenizers` package and the checkpoint's tokenizer.json and config.json (from a
+folder, or the Hugging Face hub): no transformers and no torch, so the worker process that
+tokenizes stays light and never loads the model's libraries.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -141,22 +144,26 @@ class Encoder:
     @classmethod
     def load(cls, source: str, max_length: int = 512) -> Encoder:
         """The tokenizer of a Hugging Face id or a local folder, and its model's limits."""
-        from transformers import AutoConfig, AutoTokenizer
-
-        config = AutoConfig.from_pretrained(source)
-        hf = AutoTokenizer.from_pretrained(source)
-        # XLM-R numbers positions from pad_token_id + 1, so two slots of the table are never used.
-        limit = int(config.max_position_embeddings) - int(config.pad_token_id or 0) - 1
-        if max_length > limit:
-            log.warning("max_length %d exceeds what %s takes; using %d", max_length, source, limit)
-        prefix, middle, suffix = _pair_template(hf)
         from tokenizers import Tokenizer
 
-        backend = Tokenizer.from_str(hf.backend_tokenizer.to_str())  # our own copy: no truncation, no padding
-        backend.no_truncation()
-        backend.no_padding()
-        return cls(backend, max_length=max_length, limit=limit, prefix=prefix, middle=middle, suffix=suffix,
-                   pad_id=int(hf.pad_token_id))
+        config = json.loads(Path(_checkpoint_file(source, "config.json")).read_text())
+        tokenizer_file = _checkpoint_file(source, "tokenizer.json", required=False)
+        if tokenizer_file is not None:
+            tokenizer = Tokenizer.from_file(tokenizer_file)
+        else:  # only a slow (sentencepiece) tokenizer: let transformers convert it once
+            from transformers import AutoTokenizer
+
+            tokenizer = Tokenizer.from_str(AutoTokenizer.from_pretrained(source).backend_tokenizer.to_str())
+        tokenizer.no_truncation()
+        tokenizer.no_padding()
+        # XLM-R numbers positions from pad_token_id + 1, so two slots of the table are never used.
+        pad_id = int(config.get("pad_token_id", tokenizer.token_to_id("<pad>")))
+        limit = int(config["max_position_embeddings"]) - pad_id - 1
+        if max_length > limit:
+            log.warning("max_length %d exceeds what %s takes; using %d", max_length, source, limit)
+        prefix, middle, suffix = _pair_template(tokenizer)
+        return cls(tokenizer, max_length=max_length, limit=limit, prefix=prefix, middle=middle, suffix=suffix,
+                   pad_id=pad_id)
 
     @property
     def specials(self) -> int:
@@ -277,15 +284,32 @@ def _cut(text: str, tokens: int, direction: str) -> str:
     return text[-limit:] if direction == "left" else text[:limit]
 
 
-def _pair_template(tokenizer) -> tuple[list[int], list[int], list[int]]:
-    """Special tokens before, between and after a pair, read off the tokenizer itself.
+def _checkpoint_file(source: str, name: str, required: bool = True) -> str | None:
+    """A file of a checkpoint: from its folder, or downloaded (and cached) from the hub."""
+    folder = Path(source)
+    if folder.is_dir():
+        if (folder / name).exists():
+            return str(folder / name)
+        if required:
+            raise FileNotFoundError(f"{folder / name} is missing")
+        return None
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
 
-    transformers 5 dropped `prepare_for_model`; asking the tokenizer for a probe pair keeps the
-    layout right for whatever tokenizer the checkpoint ships (XLM-R gives [0], [2, 2], [2]).
-    """
-    a = tokenizer("a", add_special_tokens=False)["input_ids"]
-    b = tokenizer("b", add_special_tokens=False)["input_ids"]
-    both = tokenizer("a", "b")["input_ids"]
+    try:
+        return hf_hub_download(source, name)
+    except EntryNotFoundError:
+        if required:
+            raise
+        return None
+
+
+def _pair_template(tokenizer) -> tuple[list[int], list[int], list[int]]:
+    """Special tokens before, between and after a pair, read off the tokenizer's own
+    post-processor (XLM-R gives [0], [2, 2], [2]): right for whatever tokenizer a checkpoint ships."""
+    a = tokenizer.encode("a", add_special_tokens=False).ids
+    b = tokenizer.encode("b", add_special_tokens=False).ids
+    both = tokenizer.encode("a", "b", add_special_tokens=True).ids
     for i in range(len(both) - len(a) + 1):
         if both[i : i + len(a)] == a:
             rest = both[i + len(a) :]

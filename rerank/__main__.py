@@ -26,6 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     make.add_argument("out", help="folder to write")
     make.add_argument("--arch", default="tiny", choices=["tiny", "small", "base", "large", "v2-m3"])
     make.add_argument("--seed", type=int, default=0)
+    make.add_argument("--no-weights", action="store_true",
+                      help="config and tokenizer only (enough for DEVICE=sim; quick for base/large)")
     from rerank import client
 
     client.add_parser(sub)
@@ -42,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "make-model":
         from rerank.random_model import build_model
 
-        print(build_model(args.out, args.arch, seed=args.seed))
+        print(build_model(args.out, args.arch, seed=args.seed, weights=not args.no_weights))
         return 0
     if args.command == "jobs":
         return client.run(args)

@@ -8,6 +8,8 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+from shared.schemas import RerankResult, RerankResultDocument
+
 
 def sigmoid(x: float) -> float:
     """Logistic function, stable for large |x| (FlagEmbedding's `normalize=True`)."""
@@ -31,6 +33,29 @@ def rank(
     return [(i, scores[i]) for i in order]
 
 
+def ranked_results(
+    logits: Sequence[float],
+    texts: Sequence[str],
+    *,
+    raw_scores: bool = False,
+    top_n: int | None = None,
+    return_documents: bool = False,
+    chunks: Sequence[int] | None = None,
+    truncated: Sequence[bool] | None = None,
+) -> list[RerankResult]:
+    """The `results` list of a rerank answer (Cohere v1 and v2, Jina; realtime and bulk alike)."""
+    return [
+        RerankResult(
+            index=i,
+            relevance_score=score,
+            document=RerankResultDocument(text=texts[i]) if return_documents else None,
+            chunks=chunks[i] if chunks is not None else None,
+            truncated=bool(truncated[i]) if truncated is not None else None,
+        )
+        for i, score in rank(logits, raw_scores=raw_scores, top_n=top_n)
+    ]
+
+
 def shape_results(
     logits: Sequence[float],
     texts: Sequence[str],
@@ -39,14 +64,9 @@ def shape_results(
     top_n: int | None = None,
     return_documents: bool = False,
     chunks: Sequence[int] | None = None,
+    truncated: Sequence[bool] | None = None,
 ) -> list[dict[str, object]]:
-    """The `results` list of a rerank answer (realtime and bulk alike)."""
-    results: list[dict[str, object]] = []
-    for i, score in rank(logits, raw_scores=raw_scores, top_n=top_n):
-        result: dict[str, object] = {"index": i, "relevance_score": score}
-        if return_documents:
-            result["document"] = {"text": texts[i]}
-        if chunks is not None:
-            result["chunks"] = chunks[i]
-        results.append(result)
-    return results
+    """`ranked_results` as plain JSON-ready dicts (bulk job result lines)."""
+    return [r.model_dump(mode="json") for r in ranked_results(
+        logits, texts, raw_scores=raw_scores, top_n=top_n, return_documents=return_documents, chunks=chunks,
+        truncated=truncated)]

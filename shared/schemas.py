@@ -1,16 +1,29 @@
-"""Request, response and task models: the single source for validation and for the OpenAPI document.
+"""Request, response and task models: the single source for validation, for the answers the API
+builds and for the OpenAPI document.
 
-The wire formats are FastGPT's and Cohere/Jina's (see docs/CONTRACT notes in README.md). Fields a
-client may send that we do not know are ignored, as the seed server and Cohere do.
+The wire formats are FastGPT's, Cohere/Jina's (v1 and v2), TEI's and vLLM's score API (see
+CONTRACT notes in README.md). Fields a client may send that we do not know are ignored, as the seed
+server, Cohere and vLLM do. Answers are built from the response models below and serialized in
+their field order, which clients may rely on (FastGPT reads results[].index and relevance_score).
 """
 
 from __future__ import annotations
 
-from typing import Annotated
+import time
+from typing import Annotated, Any, Literal
 
-from typing import Literal
+from pydantic import BaseModel, ConfigDict, Field, RootModel, StrictBool, StrictStr, model_validator
+from pydantic_core import PydanticCustomError
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, model_validator
+
+def _is_none(value: object) -> bool:
+    return value is None
+
+
+def omitted_if_none(description: str | None = None) -> Any:
+    """An optional answer field that is left out, not sent as null, when it has no value (clients
+    such as Dify's treat a present `document: null` differently from an absent one)."""
+    return Field(default=None, exclude_if=_is_none, description=description)
 
 
 class _Lenient(BaseModel):
@@ -27,7 +40,9 @@ class Chunking(_Lenient):
     """Score a long document by its best window instead of its first max_length tokens."""
 
     overlap: Annotated[int, Field(default=32, ge=0, le=4096, description="Tokens shared by neighbour windows.")]
-    max_chunks: Annotated[int, Field(default=64, ge=1, le=1024, description="Most windows per document.")]
+    max_chunks: Annotated[int | None, Field(
+        default=None, ge=1, le=4096,
+        description="Most windows per document; at most, and by default, the server's MAX_CHUNKS.")]
 
 
 class LongDocuments(_Lenient):
@@ -39,7 +54,7 @@ class LongDocuments(_Lenient):
     max_tokens_per_doc: Annotated[int | None, Field(
         default=None, ge=1, description="Cohere v2: cut each document to this many tokens first.")]
     max_chunks_per_doc: Annotated[int | None, Field(
-        default=None, ge=1, le=1024, description="Cohere: score up to this many windows, keep the best.")]
+        default=None, ge=1, le=4096, description="Cohere: score up to this many windows, keep the best.")]
     chunking: StrictBool | Chunking | None = Field(
         default=None, description="Best-window scoring: true, or {overlap, max_chunks}.")
     return_chunks: StrictBool = Field(default=False, description="Say how many windows each document used.")
@@ -54,13 +69,26 @@ class LongDocuments(_Lenient):
             direction=self.truncation_direction,
             max_doc_tokens=self.max_tokens_per_doc,
             chunk_overlap=chunk.overlap if chunk else None,
-            max_chunks=chunk.max_chunks if chunk else 64,
+            max_chunks=chunk.max_chunks if chunk else None,
             truncate=truncate,
         )
 
 
-class RerankRequest(LongDocuments):
-    """`POST /v1/rerank`: FastGPT's body plus the Cohere/Jina options."""
+class ScoreScale(_Lenient):
+    """Sigmoid scores in [0, 1] (FlagEmbedding's normalize=True) unless the client asks for logits."""
+
+    raw_scores: StrictBool = Field(
+        default=False, description="Return the model's logits instead of sigmoid scores in [0, 1]."
+    )
+    use_activation: StrictBool | None = Field(default=None, description="vLLM's name: false = raw_scores.")
+
+    def raw(self) -> bool:
+        return self.raw_scores or self.use_activation is False
+
+
+class RerankRequest(LongDocuments, ScoreScale):
+    """`POST /v1/rerank`, `/v2/rerank` and `/rerank` with `documents`: FastGPT's body plus the
+    Cohere (v1 and v2), Jina, vLLM and Infinity options."""
 
     model: StrictStr | None = Field(
         default=None, description="Served model name or its Hugging Face id; optional with one model."
@@ -70,14 +98,91 @@ class RerankRequest(LongDocuments):
         list[StrictStr | TextDocument],
         Field(min_length=1, description="Texts to rank, as strings or {\"text\": ...} objects."),
     ]
-    top_n: Annotated[int | None, Field(default=None, ge=1, description="Keep the best N results.")]
+    top_n: Annotated[int | None, Field(
+        default=None, ge=0, description="Keep the best N results; 0 or absent: all (vLLM, Dify).")]
     return_documents: StrictBool = Field(default=False, description="Echo each document's text.")
-    raw_scores: StrictBool = Field(
-        default=False, description="Return the model's logits instead of sigmoid scores in [0, 1]."
-    )
 
     def texts(self) -> list[str]:
         return [d if isinstance(d, str) else d.text for d in self.documents]
+
+    def keep(self) -> int | None:
+        """How many results to answer (None: all)."""
+        return self.top_n or None
+
+
+class TeiRerankRequest(_Lenient):
+    """TEI's `/rerank` body. `truncate` unset: cut long texts (as TEI's --auto-truncate)."""
+
+    query: Annotated[StrictStr, Field(min_length=1)]
+    texts: Annotated[list[StrictStr], Field(min_length=1)]
+    truncate: StrictBool | None = Field(default=None, description="false: texts that do not fit are an error (413)")
+    truncation_direction: Literal["right", "left", "Right", "Left"] = "right"
+    raw_scores: StrictBool = False
+    return_text: StrictBool = False
+    model: StrictStr | None = None
+
+
+#: The two bodies `POST /rerank` takes, told apart by their list of texts.
+RERANK_BODIES: dict[str, type[BaseModel]] = {"texts": TeiRerankRequest, "documents": RerankRequest}
+
+
+def rerank_body_model(body: dict[str, Any]) -> type[BaseModel] | None:
+    """TEI's model for a body with `texts`, the Cohere one for `documents`; None when it has both
+    or neither (no guess: the client must say which format it speaks)."""
+    present = [key for key in RERANK_BODIES if body.get(key) is not None]
+    return RERANK_BODIES[present[0]] if len(present) == 1 else None
+
+
+def _pairing(message: str) -> PydanticCustomError:
+    return PydanticCustomError("score_pairs", message)
+
+
+def _listed(value: str | list[str] | None) -> list[str] | None:
+    return [value] if isinstance(value, str) else value
+
+
+class ScoreRequest(ScoreScale):
+    """vLLM's `POST /score`: `text_1` against `text_2` (or `queries` against `documents`), each a
+    string or a list. vLLM's pairing: one query and N documents, or N queries and N documents."""
+
+    model: StrictStr | None = None
+    text_1: StrictStr | list[StrictStr] | None = Field(default=None, description="Query, or queries.")
+    text_2: StrictStr | list[StrictStr] | None = Field(default=None, description="Document, or documents.")
+    queries: StrictStr | list[StrictStr] | None = Field(default=None, description="vLLM's newer text_1.")
+    documents: StrictStr | list[StrictStr] | None = Field(default=None, description="vLLM's newer text_2.")
+
+    @model_validator(mode="after")
+    def _paired(self) -> ScoreRequest:
+        texts = self.text_1 is not None or self.text_2 is not None
+        if texts == (self.queries is not None or self.documents is not None):
+            raise _pairing("send text_1 and text_2, or queries and documents")
+        queries, documents = self._sides()
+        if queries is None or documents is None:
+            raise _pairing("text_1 and text_2 (queries and documents) are both required")
+        if not queries or not documents:
+            raise _pairing("at least one query and one document must be given")
+        if any(not q for q in queries):
+            raise _pairing("a query must not be empty")
+        if len(queries) > 1 and len(queries) != len(documents):
+            raise _pairing(f"{len(queries)} queries and {len(documents)} documents: "
+                           "input lengths must be 1:1, 1:N or N:N")
+        return self
+
+    def _sides(self) -> tuple[list[str] | None, list[str] | None]:
+        first = self.text_1 if self.text_1 is not None else self.queries
+        second = self.text_2 if self.text_2 is not None else self.documents
+        return _listed(first), _listed(second)
+
+    def pairs(self) -> list[tuple[str, str]]:
+        """(query, document) pairs in input order."""
+        queries, documents = self._sides()
+        assert queries is not None and documents is not None
+        if len(queries) == 1:
+            return [(queries[0], d) for d in documents]
+        return list(zip(queries, documents))
+
+
+# --- answers ----------------------------------------------------------------------------------------
 
 
 class RerankResultDocument(BaseModel):
@@ -87,8 +192,11 @@ class RerankResultDocument(BaseModel):
 class RerankResult(BaseModel):
     index: int = Field(description="Position of the document in the request.")
     relevance_score: float
-    document: RerankResultDocument | None = None
-    chunks: int | None = Field(default=None, description="Windows scored (with return_chunks).")
+    document: RerankResultDocument | None = omitted_if_none("The document's text (with return_documents).")
+    chunks: int | None = omitted_if_none("Windows scored (with return_chunks).")
+    truncated: bool | None = omitted_if_none(
+        "With return_chunks: true when the document needed more windows than allowed (MAX_CHUNKS), so its "
+        "end was not scored.")
 
 
 class TokenCount(BaseModel):
@@ -101,24 +209,99 @@ class Meta(BaseModel):
 
 class Usage(BaseModel):
     total_tokens: int
+    prompt_tokens: int = Field(description="vLLM's and Infinity's name for the same count.")
 
 
 class RerankResponse(BaseModel):
-    """Sorted by relevance, high to low; ties keep input order."""
+    """Cohere v1 / Jina answer. Sorted by relevance, high to low; ties keep input order."""
 
     id: str
     model: str
     results: list[RerankResult]
     meta: Meta
-    usage: Usage = Field(description="Jina's name for meta.tokens.")
+    usage: Usage = Field(description="Jina's and vLLM's name for meta.tokens.")
+
+    @classmethod
+    def of(cls, request_id: str, model: str, results: list[RerankResult], tokens: int) -> RerankResponse:
+        return cls(id=request_id, model=model, results=results,
+                   meta=Meta(tokens=TokenCount(input_tokens=tokens)),
+                   usage=Usage(total_tokens=tokens, prompt_tokens=tokens))
+
+
+class ApiVersion(BaseModel):
+    version: str = "2"
+
+
+class TokensV2(BaseModel):
+    input_tokens: int
+    output_tokens: int = 0
+
+
+class MetaV2(BaseModel):
+    api_version: ApiVersion = ApiVersion()
+    tokens: TokensV2
+
+
+class RerankV2Response(BaseModel):
+    """Cohere v2 answer (`id`, `results`, `meta`), then our extras `model` and `usage`."""
+
+    id: str
+    results: list[RerankResult]
+    meta: MetaV2
+    model: str
+    usage: Usage
+
+    @classmethod
+    def of(cls, request_id: str, model: str, results: list[RerankResult], tokens: int) -> RerankV2Response:
+        return cls(id=request_id, results=results, meta=MetaV2(tokens=TokensV2(input_tokens=tokens)),
+                   model=model, usage=Usage(total_tokens=tokens, prompt_tokens=tokens))
+
+
+class TeiRank(BaseModel):
+    index: int
+    score: float
+    text: str | None = omitted_if_none("With return_text.")
+
+
+class TeiRerankResponse(RootModel[list[TeiRank]]):
+    """TEI's answer: a bare array sorted by score, high to low."""
+
+
+class ScoreData(BaseModel):
+    index: int = Field(description="Position of the pair in the request.")
+    object: Literal["score"] = "score"
+    score: float
+
+
+class ScoreUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+    completion_tokens: int = 0
+
+
+class ScoreResponse(BaseModel):
+    """vLLM's score answer: one score per pair, in input order."""
+
+    id: str
+    object: Literal["list"] = "list"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    data: list[ScoreData]
+    usage: ScoreUsage
 
 
 class ErrorResponse(BaseModel):
-    """Every error, whatever the status: what went wrong, its kind, and for invalid input where."""
+    """Every error, whatever the route and status: what went wrong (`error`, and the same text as
+    `detail`, which FastAPI-style clients such as Jina's read), its kind, and for invalid input where."""
 
     error: str
     error_type: str
-    fields: list[dict[str, str]] | None = None
+    detail: str = Field(description="The message again, under FastAPI's name.")
+    fields: list[dict[str, str]] | None = omitted_if_none("Each invalid field and what is wrong with it.")
+
+    @classmethod
+    def of(cls, message: str, error_type: str, fields: list[dict[str, str]] | None = None) -> ErrorResponse:
+        return cls(error=message, error_type=error_type, detail=message, fields=fields or None)
 
 
 # --- operations -------------------------------------------------------------------------------------
@@ -133,6 +316,7 @@ class ReadyResponse(BaseModel):
     redis: str
     models: dict[str, dict[str, int]] = Field(description="Live workers per served model.")
     missing: list[str]
+    detail: str | None = omitted_if_none("When unavailable: what is missing, in words (as on every error).")
 
 
 class ModelCard(BaseModel):
@@ -144,11 +328,37 @@ class ModelCard(BaseModel):
     devices: list[str]
     dtypes: list[str]
     pairs_per_second: float | None = Field(description="Measured pace of the live workers together.")
+    capacity: float | None = Field(
+        default=None, description="Padded tokens a second the live workers score at full batches (the 429 bound "
+                                  "is this times SYNC_TIMEOUT).")
+    backends: list[str] = Field(default_factory=list, description="How the workers run the model.")
+    graph_memory_mib: float | None = Field(default=None, description="GPU memory one worker's CUDA graphs hold.")
+    simulated: bool = Field(default=False, description="A worker runs on the simulated GPU (DEVICE=sim): its "
+                                                       "scores are placeholders.")
 
 
 class ModelList(BaseModel):
     object: str = "list"
     data: list[ModelCard]
+
+
+class TeiInfo(BaseModel):
+    """TEI's `GET /info`; Dify's TEI plugin reads `model_type` and `max_input_length`."""
+
+    model_id: str
+    model_sha: str | None
+    model_dtype: str
+    model_type: dict
+    max_concurrent_requests: int
+    max_input_length: int
+    max_batch_tokens: int
+    max_batch_requests: int | None
+    max_client_batch_size: int
+    auto_truncate: bool
+    tokenization_workers: int
+    version: str
+    simulated: bool = Field(default=False, description="Ours: the workers run on the simulated GPU (DEVICE=sim); "
+                                                       "scores are placeholders.")
 
 
 # --- bulk jobs --------------------------------------------------------------------------------------
@@ -259,7 +469,7 @@ class ScoreOptions(BaseModel):
     direction: Literal["right", "left"] = "right"
     max_doc_tokens: int | None = None
     chunk_overlap: int | None = None
-    max_chunks: int = 64
+    max_chunks: int | None = None  # None: the server's MAX_CHUNKS (which also caps any other value)
     truncate: bool = True
 
 

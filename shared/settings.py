@@ -79,6 +79,11 @@ class Settings(BaseSettings):
     sync_timeout: float = Field(default=25.0, gt=0, description="Seconds before a sync call is 504.")
     max_documents: int = Field(default=2048, ge=1)
     max_request_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+    max_chunks: int = Field(
+        default=64, ge=1, le=4096,
+        description="Most windows a chunked document is scored in (the default and the cap of a request's "
+                    "max_chunks); beyond them its end is not scored and the answer says truncated.",
+    )
     max_pending_tokens: int | None = Field(
         default=None, ge=1,
         description="Realtime work (padded tokens) pending per model before 429; unset = what the workers "

@@ -89,6 +89,7 @@ def stack_env(model_dir, redis_url, tmp_path_factory) -> dict[str, str]:
         MAX_REQUEST_BYTES="262144",
         HEARTBEAT_INTERVAL="0.5",
         WORKER_CONCURRENCY="8",
+        MAX_CHUNKS="32",
         TORCH_THREADS="1",
         LOG_LEVEL="INFO",
     )

@@ -51,6 +51,7 @@ def test_models_lists_workers_devices_and_needs_the_token(api):
     assert card["id"] == "tiny" and card["workers"] >= 1 and card["max_length"] == 512
     assert card["devices"] == ["cpu"] and card["dtypes"] == ["float32"]
     assert card["source"].endswith("tiny")
+    assert card["backends"] == ["torch eager"] and card["capacity"] > 0 and card["simulated"] is False
 
 
 def test_metrics_cover_api_queues_and_workers(api):
@@ -90,10 +91,13 @@ def test_openapi_documents_every_route_from_the_request_models(api):
     doc = requests.get(api.url + "/openapi.json", timeout=5).json()
     validate(doc)
     from api.app import create_app
+    from api.openapi import openapi_path
 
     app = create_app(Settings(models="tiny=/nowhere", redis_url="redis://127.0.0.1:1/0"))
     for rule in app.url_map.iter_rules():
-        path = rule.rule.replace("<", "{").replace(">", "}")
+        if getattr(getattr(app.view_functions[rule.endpoint], "openapi", None), "hidden", False):
+            continue  # Swagger UI's static files
+        path = openapi_path(rule.rule)
         for method in rule.methods - {"HEAD", "OPTIONS"}:
             assert method.lower() in doc["paths"][path], (method, path)
     body = doc["paths"]["/v1/rerank"]["post"]["requestBody"]["content"]["application/json"]["schema"]

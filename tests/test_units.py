@@ -92,7 +92,8 @@ def test_request_model_accepts_fastgpt_cohere_and_jina_bodies():
         {"query": "q", "documents": [{"text": "a"}, "b"], "top_n": 1, "return_documents": True, "extra": 1}
     )
     assert cohere.texts() == ["a", "b"] and cohere.top_n == 1
-    for bad in ({"query": "q", "documents": [None]}, {"query": "q", "documents": ["a"], "top_n": 0},
+    assert RerankRequest.model_validate({"query": "q", "documents": ["a"], "top_n": 0}).keep() is None  # vLLM: all
+    for bad in ({"query": "q", "documents": [None]}, {"query": "q", "documents": ["a"], "top_n": -1},
                 {"query": "q", "documents": ["a"], "raw_scores": "true"}):
         with pytest.raises(ValidationError):
             RerankRequest.model_validate(bad)

@@ -50,7 +50,7 @@ def _run_piece(ctx: WorkerContext, task: PieceTask) -> str:
 
     items = list(storage.read_lines(storage.input_path(task.job_id, task.piece)))
     pairs = sum(len(item["documents"]) for item in items)
-    policy = policy_of(ScoreOptions.model_validate_json(job.options))
+    policy = policy_of(ScoreOptions.model_validate_json(job.options), ctx.settings.max_chunks)
     try:
         encoded = [ctx.engine.encoder.encode(item["query"], item["documents"], policy) for item in items]
         whole = Encoded.concat(encoded)
@@ -80,7 +80,9 @@ def _run_piece(ctx: WorkerContext, task: PieceTask) -> str:
             "results": shape_results(scores.logits.tolist(), item["documents"], raw_scores=job.raw_scores,
                                      top_n=item.get("top_n"), return_documents=job.return_documents,
                                      chunks=_chunks(scores.chunks, len(item["documents"])) if job.return_chunks
-                                     else None),
+                                     else None,
+                                     truncated=_truncated(scores.truncated, len(item["documents"]))
+                                     if job.return_chunks else None),
             "meta": {"tokens": {"input_tokens": scores.input_tokens}},
         })
     storage.write_lines(storage.result_path(task.job_id, task.piece), lines)
@@ -94,3 +96,7 @@ def _cancelled(ctx: WorkerContext, job_id: str) -> bool:
 
 def _chunks(values: np.ndarray | None, documents: int) -> list[int]:
     return values.tolist() if values is not None else [1] * documents
+
+
+def _truncated(values: np.ndarray | None, documents: int) -> list[bool]:
+    return values.tolist() if values is not None else [False] * documents

@@ -18,11 +18,12 @@ log = logging.getLogger(__name__)
 REPLY_TTL_SECONDS = 60
 
 
-def policy_of(options: ScoreOptions) -> DocumentPolicy:
-    """The engine's document policy for a task's ScoreOptions (the wire format, shared/schemas.py)."""
+def policy_of(options: ScoreOptions, max_chunks: int) -> DocumentPolicy:
+    """The engine's document policy for a task's ScoreOptions (the wire format, shared/schemas.py);
+    windows per document are capped by MAX_CHUNKS."""
     return DocumentPolicy(direction=options.direction, max_doc_tokens=options.max_doc_tokens,
-                          chunk_overlap=options.chunk_overlap, max_chunks=options.max_chunks,
-                          truncate=options.truncate)
+                          chunk_overlap=options.chunk_overlap,
+                          max_chunks=min(options.max_chunks or max_chunks, max_chunks), truncate=options.truncate)
 
 
 def score_call(ctx: WorkerContext, task: ScoreTask) -> ScoreReply | None:
@@ -31,7 +32,8 @@ def score_call(ctx: WorkerContext, task: ScoreTask) -> ScoreReply | None:
     if task.deadline <= time.time() or not ctx.redis.hexists(names.pending_keys(ctx.spec.name)[1], task.call_id):
         return None  # the caller gave up (timeout, or it stopped waiting on a dead-looking worker)
     try:
-        encoded = ctx.engine.encoder.encode(task.query, task.documents, policy_of(task.options))
+        encoded = ctx.engine.encoder.encode(task.query, task.documents,
+                                              policy_of(task.options, ctx.settings.max_chunks))
     except InputTooLong as exc:
         return ScoreReply(error=str(exc), status=413)
     ctx.chars_per_token.record(encoded.characters, encoded.tokenized)

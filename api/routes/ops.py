@@ -2,21 +2,27 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, Response, current_app, jsonify
+from flask import Blueprint, Flask, Response, current_app
+from flask_swagger_ui import get_swaggerui_blueprint
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from api import metrics, openapi
+from api.answers import answer
+from api.errors import ApiError
 from api.openapi import documented
-from shared.schemas import HealthResponse, ModelList, ReadyResponse
-from shared.settings import Settings
+from shared.schemas import HealthResponse, ModelCard, ModelList, ReadyResponse
+from shared.settings import ModelSpec, Settings
 
 bp = Blueprint("ops", __name__)
+
+DOCS_URL = "/docs"
 
 
 @bp.get("/health")
 @documented(summary="Liveness: the API process answers (touches nothing else)", responses={200: HealthResponse},
             tag="operations")
 def health():
-    return jsonify(status="ok")
+    return answer(HealthResponse(status="ok"))
 
 
 @bp.get("/ready")
@@ -29,13 +35,30 @@ def ready():
         dispatcher.redis.ping()
         counts = {s.name: len(dispatcher.workers.alive(s.name)) for s in settings.served_models}
     except Exception:  # noqa: BLE001 - any Redis failure means "not ready"
-        body = {"status": "unavailable", "redis": "unreachable", "models": {}, "missing": ["redis"]}
-        return jsonify(body), 503
-    missing = [name for name, n in counts.items() if n == 0]
-    body = {"status": "unavailable" if missing else "ready", "redis": "ok",
-            "models": {name: {"workers": n} for name, n in counts.items()},
-            "missing": [f"worker for {name}" for name in missing]}
-    return jsonify(body), 503 if missing else 200
+        return answer(ReadyResponse(status="unavailable", redis="unreachable", models={}, missing=["redis"],
+                                    detail="Redis is unreachable"), 503)
+    missing = [f"worker for {name}" for name, n in counts.items() if n == 0]
+    body = ReadyResponse(status="unavailable" if missing else "ready", redis="ok",
+                         models={name: {"workers": n} for name, n in counts.items()}, missing=missing,
+                         detail=f"no live {', '.join(missing)}" if missing else None)
+    return answer(body, 503 if missing else 200)
+
+
+def _card(spec: ModelSpec) -> ModelCard:
+    workers = current_app.extensions["dispatcher"].workers.alive(spec.name)
+    return ModelCard(
+        id=spec.name,
+        source=spec.source,
+        max_length=spec.max_length,
+        workers=len(workers),
+        devices=sorted({w.get("device", "?") for w in workers}),
+        dtypes=sorted({w.get("dtype", "?") for w in workers}),
+        pairs_per_second=round(sum(w.get("pairs_per_second") or 0 for w in workers), 2) or None,
+        capacity=round(sum(w.get("capacity") or 0 for w in workers), 1) or None,
+        backends=sorted({w["backend"] for w in workers if w.get("backend")}),
+        graph_memory_mib=max((w.get("graph_memory_mib") or 0 for w in workers), default=0) or None,
+        simulated=any(w.get("simulated") for w in workers),
+    )
 
 
 @bp.get("/v1/models")
@@ -43,29 +66,29 @@ def ready():
             tag="operations")
 def models():
     settings: Settings = current_app.config["SETTINGS"]
-    dispatcher = current_app.extensions["dispatcher"]
-    data = []
-    for spec in settings.served_models:
-        workers = dispatcher.workers.alive(spec.name)
-        data.append({
-            "id": spec.name,
-            "object": "model",
-            "source": spec.source,
-            "max_length": spec.max_length,
-            "workers": len(workers),
-            "devices": sorted({w.get("device", "?") for w in workers}),
-            "dtypes": sorted({w.get("dtype", "?") for w in workers}),
-            "pairs_per_second": round(sum(w.get("pairs_per_second") or 0 for w in workers), 2) or None,
-        })
-    return jsonify(object="list", data=data)
+    return answer(ModelList(data=[_card(spec) for spec in settings.served_models]))
+
+
+@bp.get("/v1/models/<path:model_id>")
+@documented(summary="One served model, by its name or Hugging Face id (OpenAI's model lookup)",
+            responses={200: ModelCard}, errors=(404, 503), tag="operations")
+def model_card(model_id: str):
+    settings: Settings = current_app.config["SETTINGS"]
+    spec = next((s for s in settings.served_models if model_id in s.aliases), None)
+    if spec is None:
+        served = ", ".join(s.name for s in settings.served_models)
+        raise ApiError(404, f"model {model_id!r} is not served; served models: {served}")
+    return answer(_card(spec))
 
 
 @bp.get("/metrics")
 @documented(summary="Prometheus metrics of the API, the queues and the workers",
-            responses={200: {"text/plain": {"schema": {"type": "string"}}}}, tag="operations")
+            responses={200: {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}}, tag="operations")
 def prometheus():
     body = metrics.exposition(current_app.extensions["cluster_metrics"])
-    return Response(body, mimetype="text/plain; version=0.0.4; charset=utf-8")
+    # The header exactly as prometheus-client states it: `mimetype=` would add a second charset,
+    # which Prometheus 3 refuses as a duplicate parameter.
+    return Response(body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 @bp.get("/openapi.json")
@@ -73,11 +96,18 @@ def prometheus():
             tag="operations")
 def openapi_json():
     settings: Settings = current_app.config["SETTINGS"]
-    return jsonify(openapi.build(current_app, auth=bool(settings.tokens), public_metrics=not settings.metrics_auth))
+    return current_app.json.response(
+        openapi.build(current_app, auth=bool(settings.tokens), public_metrics=not settings.metrics_auth))
 
 
-@bp.get("/docs")
-@documented(summary="Human-readable API documentation (Swagger UI)",
-            responses={200: {"text/html": {"schema": {"type": "string"}}}}, tag="operations")
-def docs():
-    return Response(openapi.DOCS_PAGE, mimetype="text/html")
+def register_docs(app: Flask) -> None:
+    """Swagger UI at /docs, its scripts and styles served from the flask-swagger-ui package (no
+    CDN: the page works on an air-gapped GPU node)."""
+    app.register_blueprint(get_swaggerui_blueprint(
+        DOCS_URL, "/openapi.json",
+        # validatorUrl: Swagger UI would otherwise send the document to validator.swagger.io.
+        config={"app_name": "rerank-service API", "validatorUrl": None},
+    ))
+    for endpoint, view in app.view_functions.items():
+        if endpoint.startswith("swagger_ui."):
+            view.openapi = openapi.Doc(summary="Swagger UI (page and static files)", hidden=True)

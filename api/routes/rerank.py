@@ -1,55 +1,82 @@
-"""`POST /v1/rerank`: FastGPT's call, Cohere/Jina's format. Validate, dispatch, shape."""
+"""The Cohere-format rerank routes: `POST /v1/rerank` (FastGPT, Cohere v1, Jina, vLLM) and
+`POST /v2/rerank` (Cohere v2: the SDK's ClientV2, langchain-cohere, LlamaIndex, litellm's cohere/).
+Same request, same scoring; only the answer's shape differs. `POST /rerank` with `documents`
+(vLLM, Infinity) comes here too, from api/routes/tei.py.
+"""
 
 from __future__ import annotations
 
-from flask import Blueprint, current_app, g, jsonify, request
+from flask import Blueprint, Response, current_app, g, request
 
+from api.answers import answer
 from api.errors import ApiError
+from api.openapi import documented
 from api.routes.jobs import accepted, jobs, owner_token
 from api.validation import parse_body, resolve_model
-from shared.ranking import shape_results
-from api.openapi import documented
-from shared.schemas import JobCreated, JobItem, RerankRequest, RerankResponse
+from shared.ranking import ranked_results
+from shared.schemas import JobCreated, JobItem, RerankRequest, RerankResponse, RerankV2Response
 from shared.settings import Settings
 
 bp = Blueprint("rerank", __name__)
 
+ERRORS = (400, 404, 413, 422, 429, 500, 503, 504)
+REQUEST_ID = {"X-Request-Id": "echoed back; generated when absent"}
+
 
 @bp.post("/v1/rerank")
 @documented(
-    summary="Rerank documents for a query (FastGPT, Cohere and Jina format)",
+    summary="Rerank documents for a query (FastGPT, Cohere v1, Jina and vLLM format)",
     body=RerankRequest,
     responses={200: RerankResponse, 202: JobCreated},
-    errors=(400, 404, 413, 422, 429, 500, 503, 504),
-    headers={"Prefer": "`respond-async`: answer 202 with a job instead of waiting",
-             "X-Request-Id": "echoed back; generated when absent"},
+    errors=ERRORS,
+    headers={"Prefer": "`respond-async`: answer 202 with a job instead of waiting", **REQUEST_ID},
 )
-def rerank():
-    settings: Settings = current_app.config["SETTINGS"]
+def rerank_v1():
     req = parse_body(RerankRequest)
-    if len(req.documents) > settings.max_documents:
-        raise ApiError(
-            413, f"{len(req.documents)} documents; at most {settings.max_documents} (MAX_DOCUMENTS)"
-        )
-    model = resolve_model(settings, req.model)
     if "respond-async" in request.headers.get("Prefer", ""):
-        item = JobItem(query=req.query, documents=req.documents, top_n=req.top_n)
-        job = jobs().create_from_items(model, [("body", item)], owner=owner_token(), options=req)
-        response = accepted(job)
-        response.headers["Preference-Applied"] = "respond-async"
-        return response
+        return _as_job(req)
+    return rerank_answer(req, RerankResponse)
+
+
+@bp.post("/v2/rerank")
+@documented(
+    summary="Rerank documents for a query (Cohere v2 format, plus model and usage)",
+    body=RerankRequest,
+    responses={200: RerankV2Response},
+    errors=ERRORS,
+    headers=REQUEST_ID,
+)
+def rerank_v2():
+    return rerank_answer(parse_body(RerankRequest), RerankV2Response)
+
+
+def rerank_answer(req: RerankRequest, shape: type[RerankResponse | RerankV2Response]) -> Response:
+    """Score `req` in one call to the workers and answer in `shape` (sorted high to low, cut to top_n)."""
+    settings: Settings = current_app.config["SETTINGS"]
+    _check_size(settings, len(req.documents))
+    model = resolve_model(settings, req.model)
     texts = req.texts()
     scored = current_app.extensions["dispatcher"].score(model, req.query, texts, g.request_id, req.score_options())
-    results = shape_results(
-        scored.logits, texts, raw_scores=req.raw_scores, top_n=req.top_n,
-        return_documents=req.return_documents,
+    results = ranked_results(
+        scored.logits, texts, raw_scores=req.raw(), top_n=req.keep(), return_documents=req.return_documents,
         chunks=(scored.chunks or [1] * len(texts)) if req.return_chunks else None,
+        truncated=(scored.truncated or [False] * len(texts)) if req.return_chunks else None,
     )
-    # Shaped as RerankResponse (shared/schemas.py), built as a plain dict: no second validation.
-    return jsonify(
-        id=g.request_id,
-        model=model.name,
-        results=results,
-        meta={"tokens": {"input_tokens": scored.input_tokens}},
-        usage={"total_tokens": scored.input_tokens},
-    )
+    return answer(shape.of(g.request_id, model.name, results, scored.input_tokens))
+
+
+def _as_job(req: RerankRequest) -> Response:
+    """`Prefer: respond-async`: a one-item bulk job instead of waiting (202)."""
+    settings: Settings = current_app.config["SETTINGS"]
+    _check_size(settings, len(req.documents))
+    model = resolve_model(settings, req.model)
+    item = JobItem(query=req.query, documents=req.documents, top_n=req.keep())
+    job = jobs().create_from_items(model, [("body", item)], owner=owner_token(), options=req)
+    response = accepted(job)
+    response.headers["Preference-Applied"] = "respond-async"
+    return response
+
+
+def _check_size(settings: Settings, count: int) -> None:
+    if count > settings.max_documents:
+        raise ApiError(413, f"{count} documents; at most {settings.max_documents} (MAX_DOCUMENTS)")

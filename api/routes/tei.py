@@ -1,21 +1,38 @@
-"""TEI-compatible routes, so clients written for text-embeddings-inference (Dify, LangChain,
-LlamaIndex) work unchanged: `POST /rerank` answers a bare array and TEI's error shape
-(`{"error", "error_type"}` with TEI's type names and statuses); `GET /info` describes the model.
+"""`POST /rerank` in both formats clients post there, and TEI's `GET /info`.
+
+- With `texts`: text-embeddings-inference's call (Dify's TEI plugin, LangChain, LlamaIndex). A
+  bare array answers, and errors take TEI's statuses and type names (424 for a scoring failure,
+  `Validation`, `Overloaded`...).
+- With `documents`: the Cohere body that vLLM, Infinity, litellm's `hosted_vllm/` and
+  `infinity/` providers and FastGPT without `/v1` in its base URL post there; it is answered
+  exactly as `POST /v1/rerank` answers it.
+
+A body with both lists or neither is a 422 that says so: guessing could answer in the shape the
+client does not read.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
-
-from flask import Blueprint, current_app, g, jsonify
-from pydantic import BaseModel, Field, StrictBool, StrictStr
+from flask import Blueprint, Response, current_app, g
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from api.errors import ApiError
+from api.answers import answer
+from api.errors import ApiError, error_response
 from api.openapi import documented
-from api.validation import parse_body
+from api.routes.rerank import rerank_answer
+from api.validation import JsonObject, parse_body, validate
 from shared.ranking import rank
-from shared.schemas import LongDocuments
+from shared.schemas import (
+    RERANK_BODIES,
+    LongDocuments,
+    RerankRequest,
+    RerankResponse,
+    TeiInfo,
+    TeiRank,
+    TeiRerankRequest,
+    TeiRerankResponse,
+    rerank_body_model,
+)
 from shared.settings import Settings
 
 bp = Blueprint("tei", __name__)
@@ -27,69 +44,49 @@ _TEI_ERRORS = {
 }
 
 
-class TeiRerankRequest(BaseModel):
-    """TEI's `/rerank` body. `truncate` unset: cut long texts (as TEI's --auto-truncate)."""
-
-    query: Annotated[StrictStr, Field(min_length=1)]
-    texts: Annotated[list[StrictStr], Field(min_length=1)]
-    truncate: StrictBool | None = Field(default=None, description="false: texts that do not fit are an error (413)")
-    truncation_direction: Literal["right", "left", "Right", "Left"] = "right"
-    raw_scores: StrictBool = False
-    return_text: StrictBool = False
-    model: StrictStr | None = None
-
-
-class TeiRank(BaseModel):
-    index: int
-    score: float
-    text: str | None = None
-
-
-class TeiInfo(BaseModel):
-    model_id: str
-    model_sha: str | None
-    model_dtype: str
-    model_type: dict
-    max_concurrent_requests: int
-    max_input_length: int
-    max_batch_tokens: int
-    max_batch_requests: int | None
-    max_client_batch_size: int
-    auto_truncate: bool
-    tokenization_workers: int
-    version: str
-
-
-def _tei_error(error: ApiError):
+def _tei_error(error: ApiError) -> Response:
     status, kind = _TEI_ERRORS.get(error.status, (error.status, "Backend"))
-    response = jsonify(error=error.message, error_type=kind)
-    response.status_code = status
-    response.headers.update(error.headers)
-    return response
+    return error_response(error, status=status, error_type=kind)
 
 
 @bp.post("/rerank")
-@documented(summary="TEI-compatible rerank: bare array of {index, score, text?}", body=TeiRerankRequest,
-            responses={200: {"application/json": {"schema": {"type": "array", "items": {
-                "$ref": "#/components/schemas/TeiRank"}}}}},
-            errors=(413, 422, 424, 429, 503), schemas=(TeiRank,), tag="tei")
-def tei_rerank():
+@documented(summary="Rerank with TEI's body (`texts`: bare array of {index, score, text?}) or the Cohere/vLLM "
+                    "body (`documents`: answered as /v1/rerank)",
+            body=(TeiRerankRequest, RerankRequest),
+            responses={200: (TeiRerankResponse, RerankResponse)},
+            errors=(400, 404, 413, 422, 424, 429, 500, 503, 504), tag="tei")
+def rerank_either():
     settings: Settings = current_app.config["SETTINGS"]
     try:
-        req = parse_body(TeiRerankRequest)
-        if len(req.texts) > settings.max_documents:
-            raise ApiError(422, f"batch size {len(req.texts)} > maximum allowed batch size {settings.max_documents}")
-        model = settings.model(req.model) or settings.served_models[0]
-        options = LongDocuments(truncation_direction=req.truncation_direction.lower()).score_options(
-            truncate=req.truncate is not False)
-        scored = current_app.extensions["dispatcher"].score(model, req.query, req.texts, g.request_id, options)
+        body = parse_body(JsonObject).root
+        kind = rerank_body_model(body)
+        if kind is None:
+            raise ApiError(422, "the body must have exactly one of `texts` (TEI's format) and `documents` "
+                                "(the Cohere, Jina and vLLM format)",
+                           fields=[{"field": name, "message": "exactly one of these is required"}
+                                   for name in RERANK_BODIES])
     except ApiError as error:
         return _tei_error(error)
     except RequestEntityTooLarge:
         return _tei_error(ApiError(413, f"request body larger than {settings.max_request_bytes} bytes"))
-    ranks = [{"index": i, "score": s, **({"text": req.texts[i]} if req.return_text else {})}
-             for i, s in rank(scored.logits, raw_scores=req.raw_scores)]
-    return jsonify(ranks)
+    if kind is RerankRequest:
+        return rerank_answer(validate(RerankRequest, body), RerankResponse)
+    try:
+        return _tei_rerank(settings, validate(TeiRerankRequest, body))
+    except ApiError as error:
+        return _tei_error(error)
+
+
+def _tei_rerank(settings: Settings, req: TeiRerankRequest) -> Response:
+    if len(req.texts) > settings.max_documents:
+        raise ApiError(422, f"batch size {len(req.texts)} > maximum allowed batch size {settings.max_documents}")
+    model = settings.model(req.model) or settings.served_models[0]
+    options = LongDocuments(truncation_direction=req.truncation_direction.lower()).score_options(
+        truncate=req.truncate is not False)
+    scored = current_app.extensions["dispatcher"].score(model, req.query, req.texts, g.request_id, options)
+    return answer(TeiRerankResponse([
+        TeiRank(index=i, score=score, text=req.texts[i] if req.return_text else None)
+        for i, score in rank(scored.logits, raw_scores=req.raw_scores)]))
 
 
 @bp.get("/info")
@@ -98,7 +95,7 @@ def tei_info():
     settings: Settings = current_app.config["SETTINGS"]
     spec = settings.served_models[0]
     workers = current_app.extensions["dispatcher"].workers.alive(spec.name)
-    return jsonify(
+    return answer(TeiInfo(
         model_id=spec.source,
         model_sha=None,
         model_dtype=workers[0]["dtype"] if workers else settings.dtype,
@@ -111,4 +108,5 @@ def tei_info():
         auto_truncate=True,
         tokenization_workers=settings.worker_concurrency,
         version="1.0",
-    )
+        simulated=any(w.get("simulated") for w in workers),
+    ))

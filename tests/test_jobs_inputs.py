@@ -20,7 +20,7 @@ from shared.jobs import JobStore
 from shared.storage import JobStorage
 from tests.conftest import TOKENS
 from tests.procs import ROOT, Proc, start_api, wait_for
-from tests.test_jobs import jsonl, make_items, results, status, submit, wait_finished
+from tests.test_jobs import jsonl, make_items, results, wait_finished
 
 pytestmark = pytest.mark.stack
 

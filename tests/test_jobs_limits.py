@@ -17,7 +17,7 @@ from shared.jobs import JobStore
 from shared.storage import JobStorage
 from tests.conftest import Stack
 from tests.procs import start_api, start_worker, wait_for
-from tests.test_jobs import jsonl, make_items, status, wait_finished
+from tests.test_jobs import jsonl, make_items, status
 
 pytestmark = pytest.mark.stack
 

@@ -71,26 +71,12 @@ def create_job():
     owner = owner_token()
     service = jobs()
     if request.mimetype in JSON_LINES or request.mimetype in PARQUET_TYPES:
-        parquet = request.mimetype in PARQUET_TYPES
-        if parquet and not pyarrow_available():
-            raise ApiError(415, "Parquet input needs pyarrow on the API server (pip install -r "
-                           "requirements/parquet.txt); send JSON Lines instead", error_type="unsupported_media_type")
         request.max_content_length = settings.max_job_bytes
-        options = query_options()
-        model = resolve_model(settings, options.model)
-        body = CountingReader(request.stream, request.content_length)
-
-        def entries():
-            if parquet:
-                return parquet_entries(spool(body.blocks()))
-            return jsonl_entries(lines(body.blocks()))
-
         try:
-            job = service.create(model, entries, owner=owner, options=options, expected_bytes=request.content_length)
+            return accepted(_create_from_upload(settings, service, owner))
         except ApiError:
             drain(request.stream)  # the answer reaches a client still sending its body
             raise
-        return accepted(job)
     # A JSON body is parsed whole, so it is held to MAX_REQUEST_BYTES: larger inputs stream as JSON Lines.
     too_large = ApiError(413, f"a JSON job body may be at most {settings.max_request_bytes} bytes "
                          "(MAX_REQUEST_BYTES); send larger inputs as JSON Lines (Content-Type: "
@@ -120,6 +106,25 @@ def create_job():
         return _closing(jsonl_entries(lines(CountingReader(file).blocks())), file)
 
     return accepted(service.create(model, url_entries, owner=owner, options=body))
+
+
+def _create_from_upload(settings: Settings, service: JobService, owner: str):
+    """A JSON Lines or Parquet body, read as a stream; the options are query parameters."""
+    parquet = request.mimetype in PARQUET_TYPES
+    if parquet and not pyarrow_available():
+        raise ApiError(415, "Parquet input needs pyarrow on the API server (pip install -r "
+                       "requirements/parquet.txt); send JSON Lines instead", error_type="unsupported_media_type")
+    options = query_options()
+    model = resolve_model(settings, options.model)
+    body = CountingReader(request.stream, request.content_length)
+
+    def entries():
+        if parquet:
+            file = spool(body.blocks())
+            return _closing(parquet_entries(file), file)
+        return jsonl_entries(lines(body.blocks()))
+
+    return service.create(model, entries, owner=owner, options=options, expected_bytes=request.content_length)
 
 
 def _closing(entries, file):

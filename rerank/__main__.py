@@ -1,6 +1,7 @@
-"""`python -m rerank`: the command line of rerank-service.
+"""`rerank` (`pip install .`), or `python -m rerank` in a checkout: the command line of rerank-service.
 
     python -m rerank up                      # Redis (if REDIS_URL is unset), workers, API on :6006
+    python -m rerank api                     # the API alone under gunicorn (the API image's command)
     python -m rerank workers                 # workers only (one per model and GPU), for GPU nodes
     python -m rerank make-model DIR          # a random-weight reranker to try the service offline
     python -m rerank jobs submit in.jsonl --wait -o out.jsonl   # bulk jobs (see `jobs --help`)
@@ -9,17 +10,21 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 
 from shared.logs import configure_logging
 from shared.settings import get_settings
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m rerank", description=__doc__,
+    prog = "rerank" if Path(sys.argv[0]).name == "rerank" else "python -m rerank"
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("up", help="start Redis (unless REDIS_URL is set), the workers and the API")
+    sub.add_parser("api", help="the API alone under gunicorn on HOST:PORT, against REDIS_URL")
     workers = sub.add_parser("workers", help="start workers only: one per model and GPU, restarted if they die")
     workers.add_argument("--model", action="append", help="only this served model (repeatable)")
     make = sub.add_parser("make-model", help="save a random-weight XLM-R reranker (no download)")
@@ -41,6 +46,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "workers":
             return up(settings, api=False, models=args.model)
         return up(settings)
+    if args.command == "api":
+        import api
+
+        # The config file travels inside the installed api package, so this runs from any folder.
+        conf = Path(api.__file__).with_name("gunicorn.conf.py")
+        os.execv(sys.executable, [sys.executable, "-m", "gunicorn", "-c", str(conf)])
     if args.command == "make-model":
         from rerank.random_model import build_model
 

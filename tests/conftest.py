@@ -20,6 +20,17 @@ from tests.procs import Proc, base_env, start_api, start_redis, start_worker
 TOKENS = ("token-one", "token-two")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def data_dir(tmp_path_factory) -> Iterator[Path]:
+    """DATA_DIR of every process the tests start (job folders, launcher Redis data): a temporary
+    folder, never the checkout's data/. Set in the environment, which tests/procs.base_env copies."""
+    path = tmp_path_factory.mktemp("data")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DATA_DIR", str(path))
+        mp.delenv("JOBS_URL", raising=False)
+        yield path
+
+
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory) -> Path:
     from rerank.random_model import build_model

@@ -1,11 +1,15 @@
-"""`python -m worker.healthcheck`: exit 0 while a worker on this host heartbeats for its model.
+"""`python -m worker.healthcheck [--model NAME ...]`: exit 0 while this host has a live worker for
+every model it serves (the models named, else every model of MODELS).
 
-For container health checks: it asks Redis, not the worker process, so a worker that is alive but
-no longer announcing itself (Redis lost, consumer stuck) is reported unhealthy too.
+For container health checks. Per model, because a container serving two models whose worker of
+one died still looks alive by the other's heartbeat. It asks Redis, not the worker process, so a
+worker that is alive but no longer announcing itself (Redis lost, consumer stuck) is reported
+unhealthy too.
 """
 
 from __future__ import annotations
 
+import argparse
 import socket
 import sys
 
@@ -15,15 +19,23 @@ from shared.settings import get_settings
 from shared.workers import WorkerRegistry
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m worker.healthcheck", description=__doc__)
+    parser.add_argument("--model", action="append", help="a model this container serves (repeatable)")
+    args = parser.parse_args(argv)
     settings = get_settings()
-    registry = WorkerRegistry(redis.Redis.from_url(settings.broker_url, socket_connect_timeout=3))
+    models = args.model or [spec.name for spec in settings.served_models]
     host = socket.gethostname()
-    for spec in settings.served_models:
-        if any(w.get("host") == host for w in registry.alive(spec.name, fresh=True)):
-            return 0
-    print(f"no live worker on {host}", file=sys.stderr)
-    return 1
+    registry = WorkerRegistry(redis.Redis.from_url(settings.broker_url, socket_connect_timeout=3))
+    try:
+        missing = [m for m in models if not any(w.get("host") == host for w in registry.alive(m, fresh=True))]
+    except redis.RedisError as exc:
+        print(f"Redis unreachable: {exc}", file=sys.stderr)
+        return 1
+    if missing:
+        print(f"no live worker on {host} for: {', '.join(missing)}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

@@ -89,10 +89,9 @@ class Stack:
 
 
 @pytest.fixture(scope="session")
-def stack_env(model_dir, redis_url, tmp_path_factory) -> dict[str, str]:
+def stack_env(model_dir, redis_url) -> dict[str, str]:
     return base_env(
         REDIS_URL=redis_url,
-        DATA_DIR=str(tmp_path_factory.mktemp("data")),  # job storage: never in the checkout
         MODELS=f"tiny={model_dir}",
         ACCESS_TOKEN=",".join(TOKENS),
         SYNC_TIMEOUT="4",

@@ -11,12 +11,14 @@ import re
 import time
 import uuid
 
+import redis
 from flask import Flask, current_app, g, request
+from kombu.exceptions import OperationalError
 
 from api import metrics
 from api.auth import needs_token, require_token
-from api.dispatch import Dispatcher
-from api.errors import register_error_handlers
+from api.dispatch import Dispatcher, redis_error
+from api.errors import error_response, register_error_handlers
 from api.jobs import JobService
 from api.routes import jobs, ops, rerank, score, tei
 from shared.cluster_metrics import ClusterCollector
@@ -40,6 +42,12 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.extensions["cluster_metrics"] = ClusterCollector(dispatcher.redis, settings)
 
     register_error_handlers(app)
+
+    @app.errorhandler(redis.RedisError)
+    @app.errorhandler(OperationalError)
+    def _redis_failed(exc: Exception):
+        """Any route (jobs, models) that meets Redis down, full or out of memory: a 503 naming it."""
+        return error_response(redis_error(exc))
 
     @app.before_request
     def _identify() -> None:

@@ -19,7 +19,7 @@ from kombu.exceptions import OperationalError
 
 from api.admission import Admission, chars_per_token, estimate_cost, pending_limit, retry_after
 from api.errors import ApiError
-from shared import names
+from shared import names, redis_state
 from shared.celery_config import make_celery
 from shared.schemas import ScoreOptions, ScoreReply, ScoreTask
 from shared.settings import ModelSpec, Settings
@@ -39,6 +39,13 @@ class Scored:
     truncated: list[bool] | None = None
 
 
+def redis_error(exc: BaseException) -> ApiError:
+    """The 503 for a failed Redis command, naming Redis's state (shared/redis_state.py)."""
+    state = redis_state.classify(exc)
+    log.warning("redis %s: %s", state.state, exc)
+    return ApiError(503, state.reason)
+
+
 class Dispatcher:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -56,7 +63,9 @@ class Dispatcher:
     def _require_worker(self, model: ModelSpec, *, fresh: bool = False) -> list[dict]:
         workers = self.workers.alive(model.name, fresh=fresh)
         if not workers:
-            raise ApiError(503, f"no worker is serving model {model.name!r} right now")
+            state = redis_state.probe(self.redis)  # heartbeats stop when Redis refuses writes
+            raise ApiError(503, state.reason if not state.ok else
+                           f"no worker is serving model {model.name!r} right now")
         return workers
 
     def score(self, model: ModelSpec, query: str, documents: list[str], request_id: str,
@@ -65,8 +74,7 @@ class Dispatcher:
         try:
             return self._score(model, query, documents, request_id, options or ScoreOptions())
         except (redis.RedisError, OperationalError) as exc:
-            log.warning("redis unreachable: %s", exc)
-            raise ApiError(503, "the queue (Redis) is unreachable") from None
+            raise redis_error(exc) from None
 
     def _score(self, model: ModelSpec, query: str, documents: list[str], request_id: str,
                options: ScoreOptions) -> Scored:

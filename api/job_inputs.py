@@ -43,7 +43,14 @@ class Truncated(Exception):
         super().__init__(f"{got} of {expected} bytes {reason}")
         self.got, self.expected, self.reason = got, expected, reason
 
+    @property
+    def stalled(self) -> bool:
+        """The client stopped sending for CLIENT_TIMEOUT seconds (api/http_worker.py)."""
+        return self.reason.startswith(("TimeoutError", "timeout"))
+
     def message(self) -> str:
+        if self.stalled:
+            return f"the request body stopped arriving (CLIENT_TIMEOUT) after {self.got} bytes"
         if self.reason:
             return f"the body could not be read to its end ({self.reason}) after {self.got} bytes"
         return f"the body ended after {self.got} of the {self.expected} bytes its Content-Length announced"

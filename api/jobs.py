@@ -157,8 +157,8 @@ class JobService:
                 raise ApiError(507, f"job storage is full ({exc.strerror}); nothing was stored or queued",
                                error_type="insufficient_storage") from None
             if isinstance(exc, Truncated):
-                raise ApiError(400, f"{exc.message()}; nothing was stored or queued",
-                               error_type="truncated_body") from None
+                raise ApiError(408 if exc.stalled else 400, f"{exc.message()}; nothing was stored or queued",
+                               error_type="timeout" if exc.stalled else "truncated_body") from None
             raise
 
     def _store_and_queue(self, job_id: str, model: ModelSpec, entries: Callable[[], Iterable[Entry]],

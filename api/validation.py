@@ -5,6 +5,7 @@ Malformed JSON is a 400; JSON that does not fit the model is a 422 that names ea
 
 from __future__ import annotations
 
+import re
 from typing import Any, TypeVar
 
 from flask import request
@@ -20,10 +21,33 @@ def _where(loc: tuple[object, ...]) -> str:
     return ".".join(str(part) for part in loc) or "body"
 
 
+# Every escape in a JSON string, so pairs are read in order: a surrogate pair (kept), a lone
+# surrogate (replaced), or any other escape such as an escaped backslash (kept, and skipped over).
+_ESCAPE = re.compile(rb"\\u[dD][89abAB][0-9a-fA-F]{2}\\u[dD][c-fC-F][0-9a-fA-F]{2}"
+                     rb"|(\\u[dD][89a-fA-F][0-9a-fA-F]{2})|\\.", re.DOTALL)
+
+
+def replace_lone_surrogates(body: bytes) -> bytes:
+    r"""`"\ud800"` (half of a UTF-16 pair, alone) is valid JSON that no UTF-8 text can hold: Python's
+    json reads it, pydantic's parser refuses it. Clients that cut strings by UTF-16 units send it;
+    the text is still worth scoring, so the half becomes U+FFFD, the replacement character."""
+    return _ESCAPE.sub(lambda m: rb"\ufffd" if m.group(1) else m.group(0), body)
+
+
 def parse_body(model: type[M]) -> M:
-    body = request.get_data(cache=False)  # over MAX_CONTENT_LENGTH: 413 before we read it
     try:
-        return model.model_validate_json(body)
+        body = request.get_data(cache=False)  # over MAX_CONTENT_LENGTH: 413 before we read it
+    except OSError:  # the client stopped sending for CLIENT_TIMEOUT seconds (api/http_worker.py)
+        raise ApiError(408, "the request body stopped arriving (CLIENT_TIMEOUT)",
+                       error_type="timeout") from None
+    try:
+        try:
+            return model.model_validate_json(body)
+        except ValidationError as exc:
+            repaired = replace_lone_surrogates(body) if _is_json_invalid(exc) else body
+            if repaired == body:
+                raise
+            return model.model_validate_json(repaired)
     except ValidationError as exc:
         errors = exc.errors(include_input=False, include_url=False)
         if any(e["type"] == "json_invalid" for e in errors):
@@ -32,6 +56,10 @@ def parse_body(model: type[M]) -> M:
         if any(e["type"] in ("model_type", "dict_type") and not e["loc"] for e in errors):
             raise ApiError(422, "request body must be a JSON object") from None
         raise invalid(exc, "invalid request") from None
+
+
+def _is_json_invalid(exc: ValidationError) -> bool:
+    return any(e["type"] == "json_invalid" for e in exc.errors(include_input=False, include_url=False))
 
 
 class JsonObject(RootModel[dict[str, Any]]):

@@ -287,7 +287,7 @@ class Service:
         self.redis, redis_url = start_redis(log_dir)
         env = base_env(REDIS_URL=redis_url, MODELS=f"bench={path}", SYNC_TIMEOUT="900", DEVICE=device,
                        DATA_DIR=str(log_dir / f"data-{name}-{path.name}"), LOG_LEVEL="WARNING",
-                       API_WORKERS="2", API_THREADS="64", HEARTBEAT_INTERVAL="0.5", **(extra or {}))
+                       API_WORKERS="2", HEARTBEAT_INTERVAL="0.5", **(extra or {}))
         self.env = env
         self.started = time.perf_counter()
         self.worker = start_worker(f"{name}-worker-{path.name}", env, log_dir, "bench")

@@ -4,8 +4,11 @@
 Everything on one machine, like the seed's `python app.py`, but with the real parts: the API
 under gunicorn, warm Celery workers and a Redis bound to loopback with its data in DATA_DIR.
 One worker process per model and visible GPU (`GPUS`, `WORKERS_PER_DEVICE`), each pinned with
-CUDA_VISIBLE_DEVICES and restarted if it dies. Ctrl-C stops everything it started, API first and
-Redis last, so no accepted work is dropped on the way down.
+CUDA_VISIBLE_DEVICES and restarted whenever it dies: at once the first time, then after 1, 2, 4 …
+seconds up to WORKER_RESTART_MAX_DELAY while it keeps dying (a broken model folder, the kernel's
+out-of-memory killer). A dying worker never takes the API or Redis down with it: the API answers
+503 for its model meanwhile, and serves it again as soon as a restart holds. Ctrl-C stops
+everything it started, API first and Redis last, so no accepted work is dropped on the way down.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import redis
@@ -31,7 +34,9 @@ from shared.workers import WorkerRegistry
 log = logging.getLogger("rerank.up")
 
 ROOT = Path(__file__).resolve().parent.parent
-EXIT_MODEL_FAILED = 3  # worker/__main__.py: the model did not load; restarting will not help
+EXIT_MODEL_FAILED = 3  # worker/__main__.py: the model did not load
+#: A worker that ran this long before it died starts its back-off afresh.
+STABLE_SECONDS = 60.0
 
 
 def _die_with_parent() -> None:
@@ -57,6 +62,30 @@ def redis_server_binary() -> str:
     return found
 
 
+#: See redis_argv: the append-only file peaks near twice this plus what the calls of the moment write.
+AOF_REWRITE_MIN_SIZE = "8mb"
+
+
+def redis_argv(data: Path, port: int, *, logfile: bool = True) -> list[str]:
+    """The launcher's own Redis: loopback only, its append-only file in DATA_DIR, kept small.
+
+    Every realtime call's documents pass through Redis and so through its append-only file: the
+    task message (base64) is written when the API queues it and again when a worker takes it,
+    about 2.7 times the request body in all. Redis cannot leave chosen keys out of the file, so it
+    is compacted instead: Redis rewrites it from the live data (job state and queued work, small)
+    whenever it has grown past AOF_REWRITE_MIN_SIZE and doubled since the last rewrite. When the
+    disk fills anyway, Redis refuses writes (MISCONF) and takes them again by itself, within a
+    second, once the file can be written.
+    """
+    argv = [
+        redis_server_binary(), "--bind", "127.0.0.1", "--port", str(port), "--dir", str(data),
+        "--appendonly", "yes", "--save", "", "--protected-mode", "yes", "--daemonize", "no",
+        "--auto-aof-rewrite-percentage", "100", "--auto-aof-rewrite-min-size", AOF_REWRITE_MIN_SIZE,
+    ]
+    return argv + ["--logfile", str(data / "redis.log")] if logfile else argv
+
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
@@ -69,14 +98,27 @@ class Child:
     argv: list[str]
     env: dict[str, str]
     restart: bool = False
+    model: str | None = None
     proc: subprocess.Popen | None = None
-    restarts: list[float] = field(default_factory=list)
+    started_at: float = 0.0
+    failures: int = 0  # deaths in a row, each within STABLE_SECONDS of its start
+    restart_at: float | None = None
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
             self.argv, env=self.env, cwd=ROOT, start_new_session=True, preexec_fn=_die_with_parent
         )
+        self.started_at, self.restart_at = time.monotonic(), None
         log.info("started %s (pid %d)", self.name, self.proc.pid)
+
+    def schedule_restart(self, now: float, max_delay: float) -> float:
+        """Exponential back-off: 0 s after a death that follows a stable run, then 1, 2, 4 … s."""
+        if now - self.started_at >= STABLE_SECONDS:
+            self.failures = 0
+        delay = 0.0 if self.failures == 0 else min(2.0 ** (self.failures - 1), max_delay)
+        self.failures += 1
+        self.restart_at = now + delay
+        return delay
 
     def stop(self, grace: float) -> None:
         if self.proc is None or self.proc.poll() is not None:
@@ -136,13 +178,14 @@ class Stack:
         redis_url = env.get("REDIS_URL") or self.settings.broker_url
         self._wait_for_redis(redis_url)
         for name, argv, extra in worker_plan(self.settings, self.models):
-            self._spawn(name, argv, {**env, **extra}, restart=True)
+            self._spawn(name, argv, {**env, **extra}, restart=True, model=argv[-1])  # argv ends in the model
         if self.with_api:
             self._spawn("api", [sys.executable, "-m", "gunicorn", "-c", str(ROOT / "api" / "gunicorn.conf.py")], env)
         self._wait_until_ready(redis_url)
 
-    def _spawn(self, name: str, argv: list[str], env: dict[str, str], restart: bool = False) -> Child:
-        child = Child(name, argv, env, restart=restart)
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str], restart: bool = False,
+               model: str | None = None) -> Child:
+        child = Child(name, argv, env, restart=restart, model=model)
         child.start()
         self.children.append(child)
         return child
@@ -151,12 +194,7 @@ class Stack:
         data = (self.settings.data_dir / "redis").resolve()
         data.mkdir(parents=True, exist_ok=True)
         port = free_port()
-        argv = [
-            redis_server_binary(), "--bind", "127.0.0.1", "--port", str(port), "--dir", str(data),
-            "--appendonly", "yes", "--save", "", "--protected-mode", "yes", "--daemonize", "no",
-            "--logfile", str(data / "redis.log"),
-        ]
-        self._spawn("redis", argv, env)
+        self._spawn("redis", redis_argv(data, port), env)
         log.info("no REDIS_URL set: own Redis on 127.0.0.1:%d, data in %s", port, data)
         return f"redis://127.0.0.1:{port}/0"
 
@@ -179,7 +217,9 @@ class Stack:
         api_up = not self.with_api
         while (waiting or not api_up) and not self.stopping:
             self.check_children()
-            waiting = {name for name in waiting if not registry.alive(name, fresh=True)}
+            # A model whose worker keeps dying does not hold the others back: the banner names it.
+            waiting = {name for name in waiting
+                       if not registry.alive(name, fresh=True) and not self.failing(name)}
             if not api_up:
                 try:
                     urllib.request.urlopen(health, timeout=1).read()
@@ -199,29 +239,53 @@ class Stack:
         url = f"http://{host}:{self.settings.port}/v1/rerank"
         auth = "the value of ACCESS_TOKEN" if self.settings.tokens else "none (ACCESS_TOKEN unset: open)"
         names = ", ".join(s.name for s in self.settings.served_models)
+        failing = [s.name for s in self.settings.served_models if self.failing(s.name)]
+        trouble = (f"  Not served yet (its worker keeps dying; retried with back-off, see above): "
+                   f"{', '.join(failing)}\n" if failing else "")
         print(f"\nrerank-service ready: {names}\n  FastGPT rerank URL: {url}\n  Token: {auth}\n"
-              "  Ctrl-C stops everything.\n", flush=True)
+              f"{trouble}  Ctrl-C stops everything.\n", flush=True)
+
+    def failing(self, model: str) -> bool:
+        """Whether every worker of a model has died at least twice in a row soon after starting."""
+        workers = [c for c in self.children if c.model == model]
+        return bool(workers) and all(c.failures >= 2 for c in workers)
 
     def check_children(self) -> None:
-        """Restart a dead worker (unless its model cannot load); any other death stops the stack."""
+        """Restart dead workers with back-off (never stopping the rest); any other death stops the stack."""
+        now = time.monotonic()
         for child in self.children:
             code = child.proc.poll() if child.proc else None
+            if code is None and child.failures and now - child.started_at >= STABLE_SECONDS:
+                child.failures = 0  # it holds now
             if code is None or self.stopping:
                 continue
-            if child.restart and code != EXIT_MODEL_FAILED:
-                now = time.monotonic()
-                child.restarts = [t for t in child.restarts if now - t < 60] + [now]
-                if len(child.restarts) <= 5:
-                    log.warning("%s exited with %s; restarting", child.name, code)
-                    child.start()
-                    continue
-            raise SystemExit(f"{child.name} exited with status {code}; stopping")
+            if not child.restart:
+                raise SystemExit(f"{child.name} exited with status {code}; stopping")
+            if child.restart_at is None:
+                delay = child.schedule_restart(now, self.settings.worker_restart_max_delay)
+                log.warning("%s %s; restarting it in %.0fs (death %d in a row)",
+                            child.name, _describe_exit(code), delay, child.failures)
+            elif now >= child.restart_at:
+                child.start()
 
     def stop(self) -> None:
         self.stopping = True
         grace = self.settings.sync_timeout + 5
         for child in reversed(self.children):  # API first, Redis last
             child.stop(grace)
+
+
+def _describe_exit(code: int) -> str:
+    if code == EXIT_MODEL_FAILED:
+        return "could not load its model (exit status 3)"
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        oom = " (the kernel's out-of-memory killer sends this)" if -code == signal.SIGKILL else ""
+        return f"was killed by {name}{oom}"
+    return f"exited with status {code}"
 
 
 def _lan_address() -> str:

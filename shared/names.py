@@ -84,3 +84,25 @@ def sweep_lock_key() -> str:
 def worker_metrics_key(worker_id: str) -> str:
     """A worker's latest metric snapshot (JSON), refreshed with its heartbeat."""
     return f"{PREFIX}:worker:{worker_id}:metrics"
+
+
+def probe_key() -> str:
+    """A tiny expiring key /ready writes: Redis may answer PING yet refuse writes (disk full, OOM)."""
+    return f"{PREFIX}:probe"
+
+
+def held_key(worker_id: str) -> str:
+    """Set of the Celery delivery tags a worker holds (shared/redelivery.py)."""
+    return f"{PREFIX}:held:{worker_id}"
+
+
+def holders_key() -> str:
+    """Sorted set: workers that hold messages, scored by the Redis time of their last heartbeat."""
+    return f"{PREFIX}:holders"
+
+
+#: kombu's Redis transport keeps every delivered, unacknowledged message here (kombu's defaults;
+#: shared/celery_config.py does not rename them): the hash of messages by delivery tag, and the
+#: sorted set of delivery times that VISIBILITY_TIMEOUT is measured against.
+KOMBU_UNACKED = "unacked"
+KOMBU_UNACKED_INDEX = "unacked_index"

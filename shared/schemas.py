@@ -313,7 +313,8 @@ class HealthResponse(BaseModel):
 
 class ReadyResponse(BaseModel):
     status: str = Field(description="ready or unavailable")
-    redis: str
+    redis: str = Field(
+        description="ok, unreachable, cannot_write (disk full), out_of_memory, read_only or refused")
     models: dict[str, dict[str, int]] = Field(description="Live workers per served model.")
     missing: list[str]
     detail: str | None = omitted_if_none("When unavailable: what is missing, in words (as on every error).")

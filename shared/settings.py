@@ -75,7 +75,12 @@ class Settings(BaseSettings):
     host: str = "0.0.0.0"
     port: int = Field(default=6006, ge=1, le=65535)
     api_workers: int = Field(default=2, ge=1, description="gunicorn processes.")
-    api_threads: int = Field(default=32, ge=1, description="Threads per gunicorn process.")
+    api_connections: int = Field(
+        default=1000, ge=1, description="Connections each gunicorn process holds at once (gevent)."
+    )
+    client_timeout: float = Field(
+        default=30.0, gt=0, description="Seconds a client may pause while sending or reading a request."
+    )
     sync_timeout: float = Field(default=25.0, gt=0, description="Seconds before a sync call is 504.")
     max_documents: int = Field(default=2048, ge=1)
     max_request_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
@@ -136,6 +141,13 @@ class Settings(BaseSettings):
     heartbeat_interval: float = Field(default=2.0, gt=0)
     visibility_timeout: int = Field(
         default=900, ge=5, description="Seconds before an unacknowledged task is handed out again."
+    )
+    redeliver_after: float = Field(
+        default=30.0, gt=0,
+        description="Seconds without a heartbeat before a worker's unacknowledged tasks are handed out again.",
+    )
+    worker_restart_max_delay: float = Field(
+        default=60.0, gt=0, description="Launcher: longest wait before restarting a worker that keeps dying."
     )
 
     # --- logs ---------------------------------------------------------------------------------

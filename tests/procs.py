@@ -13,7 +13,7 @@ from pathlib import Path
 import redis
 import requests
 
-from rerank.launch import free_port, redis_server_binary
+from rerank.launch import free_port, redis_argv, redis_server_binary
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -79,12 +79,12 @@ def base_env(**overrides: str) -> dict[str, str]:
 
 def start_redis(log_dir: Path, port: int | None = None, data_dir: Path | None = None) -> tuple[Proc, str]:
     port = port or free_port()
-    argv = [redis_server_binary(), "--bind", "127.0.0.1", "--port", str(port), "--save", ""]
-    if data_dir is not None:
+    if data_dir is not None:  # the launcher's own Redis, append-only file and all
         data_dir.mkdir(parents=True, exist_ok=True)
-        argv += ["--dir", str(data_dir), "--appendonly", "yes"]
+        argv = redis_argv(data_dir, port, logfile=False)
     else:
-        argv += ["--appendonly", "no"]
+        argv = [redis_server_binary(), "--bind", "127.0.0.1", "--port", str(port), "--save", "",
+                "--appendonly", "no"]
     proc = Proc(f"redis-{port}", argv, base_env(), log_dir)
     url = f"redis://127.0.0.1:{port}/0"
     client = redis.Redis.from_url(url)
@@ -111,7 +111,6 @@ def start_api(name: str, env: dict[str, str], log_dir: Path) -> tuple[Proc, str]
     port = free_port()
     env = dict(env, PORT=str(port), HOST="127.0.0.1")
     env.setdefault("API_WORKERS", "1")
-    env.setdefault("API_THREADS", "16")
     proc = Proc(name, [sys.executable, "-m", "gunicorn", "-c", str(ROOT / "api" / "gunicorn.conf.py")], env, log_dir)
     url = f"http://127.0.0.1:{port}"
     wait_for(lambda: requests.get(url + "/health", timeout=1).ok, 30, name, proc)

@@ -30,7 +30,7 @@ def cold(tmp_path_factory, stack_env, log_dir, tokenizer):
     """A fresh worker of the small model and an API, nothing sent to either yet."""
     path = build_model(tmp_path_factory.mktemp("models") / "small", "small")
     env = dict(stack_env, MODELS=f"small={path}", SYNC_TIMEOUT=str(SYNC_TIMEOUT), TORCH_THREADS="1",
-               WORKER_CONCURRENCY="32", API_THREADS="64")
+               WORKER_CONCURRENCY="32")
     env.pop("ACCESS_TOKEN")
     worker = start_worker("worker-small", env, log_dir, "small")
     api, url = start_api("api-small", env, log_dir)

@@ -100,7 +100,7 @@ def hard(model_dir, tmp_path_factory) -> Hard:
                    ACCESS_TOKEN=",".join(TOKENS), SYNC_TIMEOUT=str(SYNC_TIMEOUT), MAX_DOCUMENTS="64",
                    MAX_REQUEST_BYTES="262144", MAX_PENDING_TOKENS="16000", HEARTBEAT_INTERVAL="0.5",
                    VISIBILITY_TIMEOUT="5", WORKER_CONCURRENCY="16", DATA_DIR=str(data), JOB_PIECE_PAIRS="40",
-                   API_THREADS="32", LOG_LEVEL="INFO")
+                   LOG_LEVEL="INFO")
     worker = start_worker("hard-worker", env, log_dir, "tiny")
     api, api_url = start_api("hard-api", env, log_dir)
     stack = Hard(api_url, env, api, worker, redis_proc, port, data, log_dir)

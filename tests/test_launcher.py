@@ -38,7 +38,7 @@ def processes_marked(mark: str) -> list[int]:
 def test_up_serves_and_ctrl_c_stops_everything(model_dir, tmp_path):
     port, mark = free_port(), uuid.uuid4().hex
     env = base_env(MODELS=f"tiny={model_dir}", PORT=str(port), DATA_DIR=str(tmp_path / "data"),
-                   API_WORKERS="1", API_THREADS="4", WORKER_CONCURRENCY="4", TEST_MARK=mark)
+                   API_WORKERS="1", WORKER_CONCURRENCY="4", TEST_MARK=mark)
     log = open(tmp_path / "up.log", "wb")
     launcher = subprocess.Popen([sys.executable, "-m", "rerank", "up"], env=env, cwd=ROOT,
                                 stdout=log, stderr=subprocess.STDOUT)

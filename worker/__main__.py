@@ -28,10 +28,11 @@ from worker.celery_workarounds import BulkGate, apply_kombu_fixes
 from worker.context import WorkerContext
 from worker.heartbeat import Heartbeat
 from worker.metrics import CharsPerToken, Pace, WorkerMetrics
+from worker.reaper import Reaper
 
 log = logging.getLogger("worker")
 
-#: Exit status of a worker whose model could not be loaded (the launcher does not restart it).
+#: Exit status of a worker whose model could not be loaded (the launcher retries it with back-off).
 EXIT_MODEL_FAILED = 3
 #: Exit status of a worker whose engine process died under it (the launcher restarts it).
 EXIT_ENGINE_DIED = 4
@@ -110,7 +111,9 @@ def main(argv: list[str] | None = None) -> None:
 
     gate = BulkGate(names.bulk_queue(spec.name))
     gate.connect()
-    heartbeat = Heartbeat(ctx, on_beat=gate.sync)
+    reaper = Reaper(app, ctx.redis, ctx.worker_id, settings.redeliver_after)  # dead workers' messages
+    reaper.connect()
+    heartbeat = Heartbeat(ctx, on_beat=lambda: (gate.sync(), reaper.beat()))
 
     @signals.worker_ready.connect(weak=False)
     def _ready(**_: object) -> None:

@@ -10,6 +10,7 @@ from api import metrics, openapi
 from api.answers import answer
 from api.errors import ApiError
 from api.openapi import documented
+from shared import redis_state
 from shared.schemas import HealthResponse, ModelCard, ModelList, ReadyResponse
 from shared.settings import ModelSpec, Settings
 
@@ -26,20 +27,22 @@ def health():
 
 
 @bp.get("/ready")
-@documented(summary="Readiness: Redis answers and every served model has a live worker",
+@documented(summary="Readiness: Redis takes writes and every served model has a live worker",
             responses={200: ReadyResponse, 503: ReadyResponse}, tag="operations")
 def ready():
     settings: Settings = current_app.config["SETTINGS"]
     dispatcher = current_app.extensions["dispatcher"]
+    state = redis_state.probe(dispatcher.redis)  # a write: PING passes while writes are refused
     try:
-        dispatcher.redis.ping()
         counts = {s.name: len(dispatcher.workers.alive(s.name)) for s in settings.served_models}
     except Exception:  # noqa: BLE001 - any Redis failure means "not ready"
-        return answer(ReadyResponse(status="unavailable", redis="unreachable", models={}, missing=["redis"],
-                                    detail="Redis is unreachable"), 503)
+        counts = {}
+    models = {name: {"workers": n} for name, n in counts.items()}
+    if not state.ok:
+        return answer(ReadyResponse(status="unavailable", redis=state.state, models=models, missing=["redis"],
+                                    detail=state.reason), 503)
     missing = [f"worker for {name}" for name, n in counts.items() if n == 0]
-    body = ReadyResponse(status="unavailable" if missing else "ready", redis="ok",
-                         models={name: {"workers": n} for name, n in counts.items()}, missing=missing,
+    body = ReadyResponse(status="unavailable" if missing else "ready", redis="ok", models=models, missing=missing,
                          detail=f"no live {', '.join(missing)}" if missing else None)
     return answer(body, 503 if missing else 200)
 

@@ -100,7 +100,7 @@ def tei_info():
         model_sha=None,
         model_dtype=workers[0]["dtype"] if workers else settings.dtype,
         model_type={"reranker": {"id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0}}},
-        max_concurrent_requests=settings.api_workers * settings.api_threads,
+        max_concurrent_requests=settings.api_workers * settings.api_connections,
         max_input_length=spec.max_length,
         max_batch_tokens=settings.max_batch_tokens or 0,
         max_batch_requests=None,

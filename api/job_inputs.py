@@ -27,6 +27,7 @@ from pydantic import ValidationError
 
 from api.errors import ApiError
 from shared.schemas import JobItem
+from shared.storage import open_for_reading
 
 #: Read size for request bodies and input files: large reads keep intake at disk/network speed.
 BLOCK_BYTES = 1 << 20
@@ -218,7 +219,7 @@ def check_input_url(url: str, prefixes: list[str]) -> str:
 def open_input_url(url: str) -> IO[bytes]:
     """Open an allowed input for streaming (compressed files by their suffix, e.g. .gz)."""
     try:
-        return fsspec.open(url, "rb", compression="infer").open()
+        return open_for_reading(url, compression="infer")
     except FileNotFoundError:
         raise ApiError(422, f"input_url {url!r}: no such file", error_type="validation") from None
     except (OSError, ValueError, ImportError) as exc:

@@ -19,7 +19,7 @@ from rerank.launch import free_port
 from shared.jobs import JobStore
 from shared.storage import JobStorage
 from tests.conftest import TOKENS
-from tests.procs import ROOT, Proc, start_api, wait_for
+from tests.procs import ROOT, Proc, start_api, start_worker, wait_for
 from tests.test_jobs import jsonl, make_items, results, wait_finished
 
 pytestmark = pytest.mark.stack
@@ -306,3 +306,29 @@ def test_cli_submits_with_flags_in_either_position_shows_upload_progress_and_res
     run = subprocess.run([sys.executable, "-m", "rerank", "jobs", "--token", TOKENS[0], "status", job_id, "--quiet"],
                          env=env, capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert run.returncode == 0 and json.loads(run.stdout)["status"] == "succeeded", run.stderr
+
+
+def test_job_storage_on_an_s3_compatible_store(stack_env, model_dir, log_dir, s3):
+    """JOBS_URL=s3://…: the API (an event-loop worker) and a worker share pieces through S3."""
+    import s3fs
+
+    s3fs.S3FileSystem(key="testing", secret="testing", endpoint_url=s3).mkdir("jobs", region_name="eu-west-1")
+    env = dict(stack_env, MODELS=f"s3model={model_dir}", JOBS_URL="s3://jobs/rerank", AWS_ACCESS_KEY_ID="testing",
+               AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1", FSSPEC_S3_ENDPOINT_URL=s3)
+    worker = start_worker("worker-s3", env, log_dir, "s3model")
+    proc, url = start_api("api-s3-storage", env, log_dir)
+    try:
+        from tests.conftest import Stack
+
+        with requests.Session() as session:
+            stack = Stack(url, env, proc, session)
+            items = make_items(60, seed=29)
+            r = stack.post("/v1/rerank/jobs", data=jsonl(items), headers={"Content-Type": "application/jsonl"})
+            assert r.status_code == 202, r.text
+            final, _ = wait_finished(stack, r.json()["id"])
+            assert final["status"] == "succeeded", final
+            lines, headers = results(stack, r.json()["id"])
+            assert [line["id"] for line in lines] == [i["id"] for i in items] and headers["X-Job-Complete"] == "true"
+    finally:
+        proc.stop()
+        worker.stop()

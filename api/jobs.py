@@ -18,6 +18,7 @@ import errno
 import hmac
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -47,8 +48,8 @@ MAX_REPORTED_ERRORS = 20
 SWEEP_EVERY_SECONDS = 600
 #: Stored folders without job state are deleted once their marker is this old (crash leftovers).
 SWEEP_MIN_AGE_SECONDS = 3600
-#: A status read tops up the fair turns at most this often per model (in case a feed was missed).
-FEED_ON_READ_SECONDS = 5
+#: The API tops up the fair turns this often per model (any API process; in case a feed was missed).
+FEED_EVERY_SECONDS = 5
 
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
@@ -119,6 +120,8 @@ class JobService:
         self.storage = JobStorage(settings.job_storage_url)
         self.store = JobStore(client, settings.job_ttl)
         self.feeder = Feeder(client, celery, settings.visibility_timeout)
+        self._feed_loop: threading.Thread | None = None
+        self._feed_loop_lock = threading.Lock()
 
     # --- creating ---------------------------------------------------------------------------------
     def piece_pairs(self, model: ModelSpec) -> int:
@@ -139,6 +142,7 @@ class JobService:
         """Store and queue a job. `entries` is called once the job is admitted (a body is not
         read for a job refused by a limit); `expected_bytes` is the upload's announced size."""
         self._maybe_sweep()
+        self.keep_feeding()
         job_id = new_job_id()
         max_bytes = self.settings.max_stored_bytes_per_token
         refusal = self.store.reserve(job_id, owner=owner, model=model.name,
@@ -238,7 +242,7 @@ class JobService:
 
     def status(self, job: Job) -> dict:
         if not job.finished:
-            self._feed_now_and_then(job.model)
+            self.keep_feeding()
         total = job.items_total or 1
         return {
             "id": job.id,
@@ -258,12 +262,29 @@ class JobService:
         }
 
     def _feed_now_and_then(self, model: str) -> None:
-        """Top up the fair turns from time to time, should a worker's call after a piece be missed."""
+        """Top up the fair turns, at most every few seconds per model across API processes: a piece
+        whose sender died before it reached the broker is handed out again even when no worker is
+        ending pieces (shared/feed.py)."""
         try:
-            if self.redis.set(f"{names.feed_keys(model)[2]}:read", "1", nx=True, ex=FEED_ON_READ_SECONDS):
+            if self.redis.set(f"{names.feed_keys(model)[2]}:api", "1", nx=True, ex=FEED_EVERY_SECONDS):
                 self.feeder.feed(model)
         except (redis.RedisError, OSError) as exc:
             log.warning("could not top up the bulk pieces of %s: %s", model, exc)
+
+    def keep_feeding(self) -> None:
+        """Start (once per process) the background top-up of every served model's fair turns."""
+        with self._feed_loop_lock:
+            if self._feed_loop is not None:
+                return
+
+            def loop() -> None:
+                while True:
+                    time.sleep(FEED_EVERY_SECONDS)
+                    for spec in self.settings.served_models:
+                        self._feed_now_and_then(spec.name)
+
+            self._feed_loop = threading.Thread(target=loop, name="job-feed", daemon=True)
+            self._feed_loop.start()
 
     def finished_pieces(self, job: Job, start: int = 0) -> tuple[list[int], int]:
         """The pieces whose results are written, in order, from the one holding item `start` on;

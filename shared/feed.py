@@ -11,9 +11,9 @@ One Lua script decides, so any number of API processes and workers may call `fee
 piece stays listed as in flight until a worker ends it (`piece_ended`, called after every piece
 whatever its outcome). A piece is also listed as `sending` until its message is in the broker: one
 still listed after `SEND_GRACE_SECONDS` was lost with its sender (killed between the script and the
-broker) and is handed out again at the next call; one in flight for longer than the workers'
-visibility timeout (its message was lost on the way into a worker killed at that moment) is
-handed out again too. A piece done twice still counts once
+broker) and is handed out again at the next call (an API calls every 5 s); one in flight for longer than two minutes (or
+the workers' visibility timeout, if shorter: its message was lost on the way into a worker killed
+at that moment) is handed out again too. A piece done twice still counts once
 (shared/jobs.py), so handing out again is always safe.
 """
 
@@ -35,7 +35,10 @@ DEPTH_PER_WORKER = 4
 #: In flight when no worker is alive yet (the first ones are ready when one starts).
 MIN_DEPTH = 4
 #: A piece handed out but not confirmed in the broker after this long was lost by its sender.
-SEND_GRACE_SECONDS = 10
+SEND_GRACE_SECONDS = 5
+#: A piece in flight (queued or running: about a second of model time) for longer than the broker's
+#: visibility timeout, or than this, is handed out again: a duplicate counts once.
+STALE_AFTER_MAX_SECONDS = 120
 
 # KEYS: in-flight zset, owners zset, turn counter, sending zset, the model's worker set, the
 #       workers' stale-after value.
@@ -105,10 +108,10 @@ class Feeder:
     def __init__(self, client: redis.Redis, celery: Celery, visibility_timeout: float, *, worker: bool = False) -> None:
         self._redis = client
         self._celery = celery
-        # A piece in flight longer than the broker's visibility timeout was lost (a message taken by
-        # a worker killed before it was recorded as unacknowledged): the workers' timeout counts,
-        # so they publish theirs and any caller (an API too) applies it.
-        self._stale_after = visibility_timeout + 5
+        # A piece in flight longer than this was lost (a message taken by a worker killed before it
+        # was recorded as unacknowledged; held ones come back by shared/redelivery.py): the
+        # workers' value counts, so they publish theirs and any caller (an API too) applies it.
+        self._stale_after = min(visibility_timeout, STALE_AFTER_MAX_SECONDS) + 5
         self._worker = worker
         self._script = client.register_script(_FEED)
 

@@ -5,17 +5,16 @@ delivery tag) and hands it out again only when VISIBILITY_TIMEOUT (900 s) has pa
 delivery: it cannot tell a worker that died from one still working on a long task. Our workers
 heartbeat, so we can:
 
-- each worker lists the delivery tags it holds (`rerank:held:<worker id>`, added when Celery
-  receives a task) and, with every heartbeat, stamps itself in `rerank:holders` with Redis's own
+- each worker lists the delivery tags of the bulk pieces it holds (`rerank:held:<worker id>`,
+  added when Celery receives one; a realtime call's caller has had its 503 long before) and, with every heartbeat, stamps itself in `rerank:holders` with Redis's own
   clock and drops from its list the tags that are no longer unacknowledged;
 - a worker whose stamp is older than REDELIVER_AFTER seconds is dead. Any live worker's heartbeat
   claims the lists of dead workers (one Lua script: a list is claimed once, whoever asks) and
   hands each message back with kombu's own restore, a WATCH transaction on the `unacked` hash: a
   message acknowledged meanwhile is not restored, and none is restored twice.
 
-A bulk piece done twice counts once (shared/jobs.py); a realtime call handed out again after its
-deadline is dropped by the worker. Should a reaper die between its claim and the restores, the
-messages are still in `unacked` and VISIBILITY_TIMEOUT hands them out as before.
+A bulk piece done twice counts once (shared/jobs.py). Should a reaper die between its claim and
+the restores, the messages are still in `unacked` and VISIBILITY_TIMEOUT hands them out as before.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ import logging
 import redis
 from celery import Celery, signals
 
+from shared import names
 from shared.redelivery import Redelivery
 
 log = logging.getLogger(__name__)
@@ -25,7 +26,12 @@ class Reaper:
         signals.task_received.connect(self._received, weak=False)
 
     def _received(self, sender=None, request=None, **_: object) -> None:
-        """Consumer thread: kombu has just recorded the message as unacknowledged."""
+        """Consumer thread: kombu has just recorded the message as unacknowledged. Only bulk
+        pieces are listed: a realtime call handed out again would be past its deadline (its caller
+        got its 503 when the worker's heartbeat stopped), and listing costs the consumer thread a
+        Redis round trip per message."""
+        if request is None or request.name != names.BULK_TASK:
+            return
         tag = getattr(getattr(request, "message", None), "delivery_tag", None)
         if tag is None:
             return

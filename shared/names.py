@@ -58,6 +58,24 @@ def job_pieces_key(job_id: str) -> str:
     return f"{PREFIX}:job:{job_id}:pieces"
 
 
+def owner_jobs_key(owner: str) -> str:
+    """Sorted set of a token's kept jobs, scored by the bytes of input each stored (limits)."""
+    return f"{PREFIX}:owner:{owner}:jobs"
+
+
+def feed_keys(model: str) -> list[str]:
+    """Fair turns of bulk pieces (shared/feed.py): pieces in flight (scored by when they were
+    handed out), owners in rotation (scored by their last turn), the turn counter, and pieces
+    handed out but not yet confirmed sent to the broker."""
+    base = f"{PREFIX}:feed:{model}"
+    return [f"{base}:inflight", f"{base}:owners", f"{base}:turn", f"{base}:sending"]
+
+
+def feed_owner_key(model: str, owner: str) -> str:
+    """Sorted set of one owner's jobs with pieces still to hand out, oldest first."""
+    return f"{PREFIX}:feed:{model}:owner:{owner}"
+
+
 def sweep_lock_key() -> str:
     """Held while one API process deletes the stored files of expired jobs."""
     return f"{PREFIX}:jobs:sweep"

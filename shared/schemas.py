@@ -387,9 +387,21 @@ class JobOptions(LongDocuments):
 
 
 class JobRequest(JobOptions):
-    """`POST /v1/rerank/jobs` with a JSON body."""
+    """`POST /v1/rerank/jobs` with a JSON body: the items, or the URL of a JSON Lines or Parquet
+    file to read them from (under a prefix the operator allows in JOB_INPUT_PREFIXES)."""
 
-    items: Annotated[list[JobItem], Field(min_length=1)]
+    items: Annotated[list[JobItem] | None, Field(default=None, min_length=1)]
+    input_url: StrictStr | None = Field(
+        default=None, description="fsspec URL of the input (s3://bucket/items.jsonl, /data/x.parquet); "
+                                  "instead of items.")
+    input_format: Literal["jsonl", "parquet"] | None = Field(
+        default=None, description="Format of input_url; default by its suffix (.parquet or .pq: Parquet).")
+
+    @model_validator(mode="after")
+    def _one_input(self) -> JobRequest:
+        if (self.items is None) == (self.input_url is None):
+            raise ValueError("give either items or input_url")
+        return self
 
 
 class JobCreated(BaseModel):
@@ -409,6 +421,7 @@ class JobProgress(BaseModel):
 
 class JobErrors(BaseModel):
     count: int = Field(description="Items that could not be scored.")
+    pieces_failed: int = Field(default=0, description="Pieces that failed for good (no results).")
     last: str | None = None
 
 
@@ -425,6 +438,17 @@ class JobStatus(BaseModel):
     pairs_per_second: float | None
     errors: JobErrors
     results_url: str
+    deleted: bool | None = Field(default=None, description="DELETE only: whether the (ended) job was deleted.")
+
+
+class ResultsQuery(_Lenient):
+    """Query parameters of `GET /v1/rerank/jobs/<id>/results`."""
+
+    format: Literal["jsonl", "parquet"] | None = Field(
+        default=None, description="jsonl (default) or parquet; the Accept header is read when absent.")
+    start: Annotated[int, Field(default=0, ge=0, description=(
+        "Only items whose index is at least this (resume a download: the count of lines received "
+        "from a finished job)."))]
 
 
 class JobResultLine(BaseModel):

@@ -106,6 +106,15 @@ class Settings(BaseSettings):
     )
     job_ttl: int = Field(default=7 * 24 * 3600, ge=60, description="Seconds a finished job is kept.")
     max_job_bytes: int = Field(default=2 * 1024**3, ge=1024, description="Largest job upload.")
+    job_input_prefixes: str | None = Field(
+        default=None, description="URL prefixes a job may name as input_url, comma-separated; unset = none."
+    )
+    max_jobs_per_token: int = Field(
+        default=20, ge=1, description="Jobs in flight (being uploaded, queued or running) per token."
+    )
+    max_stored_bytes_per_token: int = Field(
+        default=20 * 1024**3, ge=0, description="Input bytes a token's kept jobs may hold; 0 = no limit."
+    )
 
     # --- worker -------------------------------------------------------------------------------
     device: str = Field(default="auto", description="auto, cpu, cuda, cuda:N, or sim (a simulated H100).")
@@ -167,6 +176,11 @@ class Settings(BaseSettings):
     @property
     def broker_url(self) -> str:
         return self.redis_url or DEFAULT_REDIS_URL
+
+    @property
+    def input_prefixes(self) -> list[str]:
+        """URL prefixes a job's input_url may start with (JOB_INPUT_PREFIXES); empty: none."""
+        return [p.strip() for p in (self.job_input_prefixes or "").split(",") if p.strip()]
 
     @property
     def job_storage_url(self) -> str:

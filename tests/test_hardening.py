@@ -232,9 +232,10 @@ class Background:
 
 def submit_job(hard: Hard, items: int, seed: int, token=TOKENS[0]) -> str:
     rng = random.Random(seed)
-    payload = {"items": [{"id": i, "query": sentence(rng, 3), "documents": [sentence(rng, 20) for _ in range(10)]}
-                         for i in range(items)]}
-    r = hard.post("/v1/rerank/jobs", payload, token=token)
+    lines = [json.dumps({"id": i, "query": sentence(rng, 3), "documents": [sentence(rng, 20) for _ in range(10)]})
+             for i in range(items)]  # JSON Lines: a JSON body is held to MAX_REQUEST_BYTES
+    r = hard.post("/v1/rerank/jobs", token=token, data="\n".join(lines).encode(),
+                  headers={"Content-Type": "application/jsonl"})
     assert r.status_code == 202, r.text
     return r.json()["id"]
 

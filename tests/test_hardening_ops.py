@@ -324,7 +324,9 @@ def test_killed_worker_holding_job_pieces_has_them_handed_out_within_a_minute(mu
     rng = __import__("random").Random(11)
     items = [{"id": i, "query": sentence(rng, 3), "documents": [sentence(rng, 20) for _ in range(12)]}
              for i in range(400)]
-    r = multi_api.session.post(f"{multi_api.url}/v1/rerank/jobs", json={"model": "spare", "items": items}, timeout=30)
+    r = multi_api.session.post(f"{multi_api.url}/v1/rerank/jobs?model=spare", timeout=30,  # JSON Lines: a JSON
+                               data="".join(json.dumps(i) + "\n" for i in items).encode(),  # body is held to
+                               headers={"Content-Type": "application/jsonl"})  # MAX_REQUEST_BYTES
     assert r.status_code == 202, r.text
     job = r.json()["id"]
 

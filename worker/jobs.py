@@ -11,11 +11,13 @@ from __future__ import annotations
 import logging
 
 import numpy as np
+from celery import current_app
 
 from engine import BULK, Encoded, Engine
 from engine.batcher import Cancelled
 from shared import jobs as job_state
 from shared import names
+from shared.feed import after_piece
 from shared.ranking import shape_results
 from shared.schemas import PieceTask, ScoreOptions
 from worker.context import WorkerContext
@@ -29,6 +31,13 @@ CANCEL_POLL_SECONDS = 0.25
 
 def run_piece(ctx: WorkerContext, task: PieceTask) -> str:
     """Score one piece; returns what happened: done, redone, cancelled, skipped-*, or failed."""
+    try:
+        return _run_piece(ctx, task)
+    finally:  # whatever happened, the next piece of some job gets this one's turn (fair turns)
+        after_piece(ctx.redis, current_app, ctx.settings.visibility_timeout, ctx.spec.name, task.job_id, task.piece)
+
+
+def _run_piece(ctx: WorkerContext, task: PieceTask) -> str:
     store, storage = ctx.job_store, ctx.job_storage
     job = store.get(task.job_id)
     if job is None:

@@ -6,13 +6,19 @@ import json
 
 from flask import Blueprint, Response, current_app, request, stream_with_context
 from pydantic import ValidationError
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from api.auth import presented_token
+from api.errors import ApiError
+from api.job_inputs import (PARQUET_TYPES, CountingReader, check_input_url, drain, is_parquet, jsonl_entries,
+                            lines, open_input_url, parquet_entries, spool)
+from api.job_results import PARQUET, pyarrow_available
+from api.job_results import parquet as parquet_results
 from api.jobs import JobService
+from api.openapi import documented
 from api.validation import invalid, parse_body, resolve_model
 from shared.jobs import owner_of
-from api.openapi import documented
-from shared.schemas import JobCreated, JobItem, JobOptions, JobRequest, JobResultLine, JobStatus
+from shared.schemas import JobCreated, JobItem, JobOptions, JobRequest, JobResultLine, JobStatus, ResultsQuery
 from shared.settings import Settings
 
 bp = Blueprint("jobs", __name__)
@@ -47,30 +53,85 @@ def accepted(job) -> Response:
 
 @bp.post("/v1/rerank/jobs")
 @documented(
-    summary="Create a bulk rerank job (JSON body, or JSON Lines with options as query parameters)",
+    summary="Create a bulk rerank job: a JSON body (items, or input_url), or a JSON Lines or Parquet "
+            "upload with the options as query parameters",
     body=JobRequest,
-    extra_bodies={media: {"schema": {"type": "string", "description": "one JobItem per line"}}
-                  for media in JSON_LINES[:2]},
+    extra_bodies={**{media: {"schema": {"type": "string", "description": "one JobItem per line"}}
+                     for media in JSON_LINES[:2]},
+                  PARQUET_TYPES[0]: {"schema": {"type": "string", "format": "binary", "description":
+                                     "columns id, query, documents (list of strings), top_n (optional)"}}},
     query=JobOptions,
     responses={202: JobCreated},
     schemas=(JobItem,),
-    errors=(400, 404, 413, 422, 503),
+    errors=(400, 403, 404, 413, 415, 422, 429, 503, 507),
     tag="jobs",
 )
 def create_job():
     settings: Settings = current_app.config["SETTINGS"]
-    request.max_content_length = settings.max_job_bytes
     owner = owner_token()
-    if request.mimetype in JSON_LINES:
-        options = query_options()
-        model = resolve_model(settings, options.model)
-        job = jobs().create_from_lines(model, request.stream, owner=owner, options=options)
-    else:
+    service = jobs()
+    if request.mimetype in JSON_LINES or request.mimetype in PARQUET_TYPES:
+        request.max_content_length = settings.max_job_bytes
+        try:
+            return accepted(_create_from_upload(settings, service, owner))
+        except ApiError:
+            drain(request.stream)  # the answer reaches a client still sending its body
+            raise
+    # A JSON body is parsed whole, so it is held to MAX_REQUEST_BYTES: larger inputs stream as JSON Lines.
+    too_large = ApiError(413, f"a JSON job body may be at most {settings.max_request_bytes} bytes "
+                         "(MAX_REQUEST_BYTES); send larger inputs as JSON Lines (Content-Type: "
+                         f"application/jsonl) or Parquet, up to {settings.max_job_bytes} bytes (MAX_JOB_BYTES), "
+                         "or name them with input_url")
+    if (request.content_length or 0) > settings.max_request_bytes:
+        raise too_large
+    try:
         body = parse_body(JobRequest)
-        model = resolve_model(settings, body.model)
-        job = jobs().create_from_items(model, ((f"items.{i}", it) for i, it in enumerate(body.items)),
-                                       owner=owner, options=body)
-    return accepted(job)
+    except RequestEntityTooLarge:
+        raise too_large from None
+    model = resolve_model(settings, body.model)
+    if body.items is not None:
+        job = service.create_from_items(model, ((f"items.{i}", it) for i, it in enumerate(body.items)),
+                                        owner=owner, options=body)
+        return accepted(job)
+    url = check_input_url(body.input_url, settings.input_prefixes)
+    parquet = is_parquet(url, body.input_format)
+    if parquet and not pyarrow_available():
+        raise ApiError(415, "Parquet input needs pyarrow on the API server (pip install -r "
+                       "requirements/parquet.txt)", error_type="unsupported_media_type")
+
+    def url_entries():
+        file = open_input_url(url)
+        if parquet:
+            return _closing(parquet_entries(file), file)
+        return _closing(jsonl_entries(lines(CountingReader(file).blocks())), file)
+
+    return accepted(service.create(model, url_entries, owner=owner, options=body))
+
+
+def _create_from_upload(settings: Settings, service: JobService, owner: str):
+    """A JSON Lines or Parquet body, read as a stream; the options are query parameters."""
+    parquet = request.mimetype in PARQUET_TYPES
+    if parquet and not pyarrow_available():
+        raise ApiError(415, "Parquet input needs pyarrow on the API server (pip install -r "
+                       "requirements/parquet.txt); send JSON Lines instead", error_type="unsupported_media_type")
+    options = query_options()
+    model = resolve_model(settings, options.model)
+    body = CountingReader(request.stream, request.content_length)
+
+    def entries():
+        if parquet:
+            file = spool(body.blocks())
+            return _closing(parquet_entries(file), file)
+        return jsonl_entries(lines(body.blocks()))
+
+    return service.create(model, entries, owner=owner, options=options, expected_bytes=request.content_length)
+
+
+def _closing(entries, file):
+    try:
+        yield from entries
+    finally:
+        file.close()
 
 
 def query_options() -> JobOptions:
@@ -104,26 +165,43 @@ def job_status(job_id: str):
 
 @bp.get("/v1/rerank/jobs/<job_id>/results")
 @documented(
-    summary="A job's results as JSON Lines in input order (finished pieces so far while it runs)",
+    summary="A job's results: JSON Lines (default) or Parquet (?format=parquet or Accept); while it runs, "
+            "every finished piece so far, in input order",
+    query=ResultsQuery,
     responses={200: {"application/jsonl": {"schema": {"type": "string",
-                                                      "description": "one JobResultLine per line"}}}},
-    errors=(404, 503),
+                                                      "description": "one JobResultLine per line"}},
+                     PARQUET: {"schema": {"type": "string", "format": "binary"}}}},
+    errors=(404, 422, 503),
     schemas=(JobResultLine,),
     tag="jobs",
 )
 def job_results(job_id: str):
     service = jobs()
     job = service.get(job_id, _token())
-    response = Response(stream_with_context(service.result_chunks(job)), mimetype="application/jsonl")
+    try:
+        query = ResultsQuery.model_validate(request.args.to_dict())
+    except ValidationError as exc:
+        raise invalid(exc, "invalid query parameters") from None
+    wanted = query.format or ("parquet" if request.accept_mimetypes.best_match(
+        ["application/jsonl", PARQUET], default="application/jsonl") == PARQUET else "jsonl")
+    complete = service.complete(job)
+    if wanted == "parquet":
+        if not pyarrow_available():
+            raise ApiError(422, "results as Parquet need pyarrow on the API server (pip install -r "
+                           "requirements/parquet.txt); ask for JSON Lines instead", error_type="validation")
+        pieces, first = service.finished_pieces(job, query.start)
+        chunks = parquet_results(service.storage, job.id, pieces, query.start if query.start > first else 0)
+        response = Response(stream_with_context(chunks), mimetype=PARQUET)
+    else:
+        response = Response(stream_with_context(service.result_chunks(job, query.start)), mimetype="application/jsonl")
     response.headers["X-Job-Status"] = job.status
-    response.headers["X-Job-Complete"] = "true" if job.finished and service.complete_prefix(job) else "false"
+    response.headers["X-Job-Complete"] = "true" if complete else "false"
     return response
 
 
 @bp.delete("/v1/rerank/jobs/<job_id>")
-@documented(summary="Cancel a job: no more pieces start", responses={200: JobStatus}, errors=(404, 503), tag="jobs")
+@documented(summary="Cancel a job in flight (no more pieces start, running ones stop); delete an ended one",
+            responses={200: JobStatus}, errors=(404, 503), tag="jobs")
 def cancel_job(job_id: str):
     service = jobs()
-    job = service.get(job_id, _token())
-    service.store.cancel(job.id)
-    return service.status(service.get(job_id, _token()))
+    return service.cancel_or_delete(service.get(job_id, _token()))

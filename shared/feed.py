@@ -133,33 +133,18 @@ class Feeder:
                     args=[PieceTask(job_id=job_id, piece=int(piece)).model_dump()],
                     queue=names.bulk_queue(model),
                     producer=producer,
+                    argsrepr=member.decode(),
+                    kwargsrepr="{}",
                 )
         self._redis.zrem(names.feed_keys(model)[3], *pieces)  # in the broker now
         return len(pieces)
 
     def piece_ended(self, model: str, job_id: str, piece: int) -> None:
-        """A worker is done with a piece (scored, skipped or failed): free its turn, feed on."""
+        """A worker is done with a piece (scored, skipped or failed): free its turn, feed on.
+        Worker side: called after every piece, whatever its outcome (worker/jobs.py)."""
         inflight, _, _, sending = names.feed_keys(model)
         pipe = self._redis.pipeline()
         pipe.zrem(inflight, f"{job_id}:{piece}")
         pipe.zrem(sending, f"{job_id}:{piece}")
         pipe.execute()
         self.feed(model)
-
-
-_feeders: dict[int, Feeder] = {}
-
-
-def after_piece(client: redis.Redis, celery: Celery, visibility_timeout: float, model: str,
-                job_id: str, piece: int) -> None:
-    """What a worker calls after every bulk piece, whatever its outcome (worker/jobs.py).
-
-    Never raises: a piece's result is safe already, and a missed turn is made up by the next call
-    (any piece ending, any job created, any status read)."""
-    try:
-        feeder = _feeders.get(id(client))
-        if feeder is None:
-            feeder = _feeders[id(client)] = Feeder(client, celery, visibility_timeout, worker=True)
-        feeder.piece_ended(model, job_id, piece)
-    except Exception as exc:  # noqa: BLE001 - the broker or Redis is down: the next call catches up
-        log.warning("could not hand out the next bulk pieces of %s: %s", model, exc)

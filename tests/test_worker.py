@@ -127,3 +127,34 @@ def test_a_simulated_worker_serves_through_the_real_stack_and_says_so(stack_env,
     finally:
         api.stop()
         worker.stop()
+
+
+def test_a_piece_whose_input_is_gone_fails_its_job_visibly(multi_api, log_dir):
+    """Storage that fails for good (here the stored input of one piece was deleted) fails that
+    piece, and so its job, with the reason; the other pieces are scored. Nothing hangs."""
+    from pathlib import Path
+
+    env = dict(multi_api.env, JOB_PIECE_PAIRS="8")
+    api, url = start_api("api-spare-lost-input", env, log_dir)
+    worker = None
+    try:
+        lines = [json.dumps({"id": i, "query": "q", "documents": ["a b", "c d"]}) for i in range(12)]
+        r = requests.post(url + "/v1/rerank/jobs?model=spare", data="\n".join(lines).encode(), timeout=30,
+                          headers={"Content-Type": "application/jsonl"})
+        assert r.status_code == 202, r.text
+        job = r.json()["id"]
+        (Path(env["DATA_DIR"]) / "jobs" / job / "input" / "0000001.jsonl").unlink()  # no worker has run it yet
+        worker = start_worker("worker-spare-lost-input", env, log_dir, "spare")
+
+        def ended():
+            s = requests.get(f"{url}/v1/rerank/jobs/{job}", timeout=5).json()
+            return s if s["status"] in ("succeeded", "failed", "cancelled") else None
+
+        final = wait_for(ended, 60, "the job to end", worker)
+        assert final["status"] == "failed" and final["errors"]["pieces_failed"] == 1
+        assert "FileNotFoundError" in final["errors"]["last"]
+        assert final["progress"]["items_done"] == 8 and final["progress"]["items_total"] == 12
+    finally:
+        if worker is not None:
+            worker.stop()
+        api.stop()

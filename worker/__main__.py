@@ -20,6 +20,7 @@ from engine import Engine, EngineConfig
 from engine.process import EngineFailed
 from shared import names
 from shared.celery_config import make_celery
+from shared.feed import Feeder
 from shared.jobs import JobStore
 from shared.logs import configure_logging
 from shared.pending import PendingWork
@@ -108,6 +109,7 @@ def main(argv: list[str] | None = None) -> None:
 
     app = make_celery(settings, "rerank-worker")
     app.worker_context = ctx  # where worker.tasks.WorkerTask finds it
+    ctx.feeder = Feeder(ctx.redis, app, settings.visibility_timeout, worker=True)
     import worker.tasks  # noqa: F401  (registers the tasks with the app)
 
     gate = BulkGate(names.bulk_queue(spec.name))

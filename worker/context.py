@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import redis
 
 from engine import Engine
+from shared.feed import Feeder
 from shared.jobs import JobStore
 from shared.pending import PendingWork
 from shared.settings import ModelSpec, Settings
@@ -34,6 +35,7 @@ class WorkerContext:
     pace: Pace
     chars_per_token: CharsPerToken
     pending: PendingWork
+    feeder: Feeder | None = None  # set once the Celery app exists: it sends the next bulk pieces
     worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}")
 
     def describe(self) -> dict[str, object]:

@@ -11,13 +11,10 @@ from __future__ import annotations
 import logging
 
 import numpy as np
-from celery import current_app
 
 from engine import BULK, Encoded, Engine
 from engine.batcher import Cancelled
 from shared import jobs as job_state
-from shared import names
-from shared.feed import after_piece
 from shared.ranking import shape_results
 from shared.schemas import PieceTask, ScoreOptions
 from worker.context import WorkerContext
@@ -34,7 +31,10 @@ def run_piece(ctx: WorkerContext, task: PieceTask) -> str:
     try:
         return _run_piece(ctx, task)
     finally:  # whatever happened, the next piece of some job gets this one's turn (fair turns)
-        after_piece(ctx.redis, current_app, ctx.settings.visibility_timeout, ctx.spec.name, task.job_id, task.piece)
+        try:
+            ctx.feeder.piece_ended(ctx.spec.name, task.job_id, task.piece)
+        except Exception as exc:  # noqa: BLE001 - Redis or the broker is down: the API's feed catches up
+            log.warning("could not hand out the next bulk pieces of %s: %s", ctx.spec.name, exc)
 
 
 def _run_piece(ctx: WorkerContext, task: PieceTask) -> str:
@@ -57,7 +57,7 @@ def _run_piece(ctx: WorkerContext, task: PieceTask) -> str:
         ctx.chars_per_token.record(whole.characters, whole.tokenized)
         handle = ctx.engine.submit(whole, priority=BULK, tag=task.job_id)
         while not handle.done.wait(CANCEL_POLL_SECONDS):
-            if _cancelled(ctx, task.job_id):
+            if store.is_cancelled(task.job_id):
                 ctx.engine.cancel(task.job_id)
         logits = handle.wait()
     except Cancelled:
@@ -88,10 +88,6 @@ def _run_piece(ctx: WorkerContext, task: PieceTask) -> str:
     storage.write_lines(storage.result_path(task.job_id, task.piece), lines)
     counted = store.complete_piece(task.job_id, task.piece, len(items), pairs)
     return "done" if counted else "redone"  # redone: a redelivered piece, counted once
-
-
-def _cancelled(ctx: WorkerContext, job_id: str) -> bool:
-    return ctx.redis.hget(names.job_key(job_id), "status") == job_state.CANCELLED.encode()
 
 
 def _chunks(values: np.ndarray | None, documents: int) -> list[int]:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+import time
 
 import redis
 from celery import Task, shared_task
+from celery.exceptions import Reject
 
 from shared import names
 from shared.logs import request_id
@@ -46,19 +48,34 @@ def rerank_realtime(self: WorkerTask, payload: dict) -> None:
     send_reply(ctx, task.call_id, reply)
 
 
-@shared_task(
-    name=names.BULK_TASK,
-    base=WorkerTask,
-    bind=True,
-    acks_late=True,
-    # Storage or Redis hiccups are retried; scoring errors are written as per-item errors.
-    autoretry_for=(OSError, redis.RedisError),
-    retry_backoff=True,
-    max_retries=5,
-)
+#: Tries of a piece whose storage fails (an object store hiccup) before its job fails visibly.
+STORAGE_TRIES = 4
+
+
+@shared_task(name=names.BULK_TASK, base=WorkerTask, bind=True, acks_late=True)
 def rerank_bulk_piece(self: WorkerTask, payload: dict) -> None:
+    """Score one stored piece of a job. A piece is never dropped: scoring errors become per-item
+    error lines; storage that fails for good (its input gone, or failing STORAGE_TRIES times)
+    fails the piece, and so its job, visibly; while Redis cannot be reached or written the
+    message goes back to the broker (or stays unacknowledged there, to be handed out again), never
+    acknowledged unfinished as a Celery retry would do if its own re-publishing failed."""
     task = PieceTask.model_validate(payload)
     request_id.set(task.job_id)
-    outcome = run_piece(self.ctx, task)
-    self.ctx.metrics.task_done("bulk", outcome)
+    ctx = self.ctx
+    for attempt in range(STORAGE_TRIES):
+        try:
+            outcome = run_piece(ctx, task)
+            break
+        except redis.RedisError as exc:
+            log.warning("job %s piece %d: Redis unusable (%s); handing the piece back", task.job_id, task.piece, exc)
+            time.sleep(1)  # no hot loop while Redis is away
+            raise Reject(exc, requeue=True) from None
+        except OSError as exc:
+            if isinstance(exc, FileNotFoundError) or attempt + 1 == STORAGE_TRIES:
+                log.error("job %s piece %d failed for good: %s", task.job_id, task.piece, exc)
+                ctx.job_store.fail_piece(task.job_id, task.piece, f"{type(exc).__name__}: {exc}")
+                outcome = "failed"
+                break
+            time.sleep(2**attempt)  # storage hiccup: try again shortly
+    ctx.metrics.task_done("bulk", outcome)
     log.info("job %s piece %d: %s", task.job_id, task.piece, outcome)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import sys
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from typing import IO, Any, TypeVar
@@ -20,12 +21,13 @@ from fsspec.asyn import AsyncFileSystem
 T = TypeVar("T")
 
 
-def _under_gevent() -> bool:
-    try:
-        from gevent import monkey
-    except ImportError:
-        return False
-    return monkey.is_module_patched("threading")
+def _gevent_hub():
+    """gevent's hub when this process runs under gevent's monkey patching (the API), else None.
+    Looked up in sys.modules: a process that never imported gevent (a worker) has nothing to do."""
+    monkey = sys.modules.get("gevent.monkey")
+    if monkey is None or not monkey.is_module_patched("threading"):
+        return None
+    return sys.modules["gevent"].get_hub()
 
 
 def off_the_event_loop(fs: fsspec.AbstractFileSystem, call: Callable[..., T], *args: Any) -> T:
@@ -34,10 +36,9 @@ def off_the_event_loop(fs: fsspec.AbstractFileSystem, call: Callable[..., T], *a
     loop") when gevent's monkey patching has put that loop's thread and the caller on one OS
     thread, as in the API's gevent worker (api/http_worker.py). There such calls run on gevent's
     pool of real threads; anywhere else (the workers, local folders) they run directly."""
-    if isinstance(fs, AsyncFileSystem) and _under_gevent():
-        import gevent
-
-        return gevent.get_hub().threadpool.apply(call, args)
+    hub = _gevent_hub() if isinstance(fs, AsyncFileSystem) else None
+    if hub is not None:
+        return hub.threadpool.apply(call, args)
     return call(*args)
 
 

@@ -152,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = []
     shapes: dict[str, list[dict]] = {}
     graphs_info: dict[str, dict] = {}
-    tmp = Path(tempfile.mkdtemp(prefix="rerank-gpu-bench-"))
+    scratch = tempfile.TemporaryDirectory(prefix="rerank-gpu-bench-")  # the random models, removed at the end
+    tmp = Path(scratch.name)
     for arch in args.archs.split(","):
         folder = build_model(tmp / arch, "tiny" if args.quick else arch, weights=args.device != "sim")
         for dtype in args.dtypes.split(","):
@@ -233,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
     print(f"written to {out}")
+    scratch.cleanup()
     return 0
 
 

@@ -16,6 +16,8 @@ log = logging.getLogger(__name__)
 
 #: How long an answer waits in Redis for its caller, who is normally already blocked on it.
 REPLY_TTL_SECONDS = 60
+#: A call younger than this is still wanted (its caller waits at least a liveness check, 1 s).
+FRESH_SECONDS = 0.5
 
 
 def policy_of(options: ScoreOptions, max_chunks: int) -> DocumentPolicy:
@@ -29,8 +31,14 @@ def policy_of(options: ScoreOptions, max_chunks: int) -> DocumentPolicy:
 def score_call(ctx: WorkerContext, task: ScoreTask) -> ScoreReply | None:
     """Score one synchronous call; None when its caller has already given up."""
     started = time.perf_counter()
-    if task.deadline <= time.time() or not ctx.pending.waiting(ctx.spec.name, task.call_id):
-        return None  # the caller gave up (timeout, or it stopped waiting on a dead-looking worker)
+    now = time.time()
+    if task.deadline <= now:
+        return None
+    # A call queued for a while may have been given up by its caller (a 503 while this worker
+    # looked dead): ask before scoring. A call sent within the last second has not: no round trip.
+    sent_at = task.deadline - ctx.settings.sync_timeout
+    if now - sent_at > FRESH_SECONDS and not ctx.pending.waiting(ctx.spec.name, task.call_id):
+        return None
     try:
         encoded = ctx.engine.encoder.encode(task.query, task.documents,
                                               policy_of(task.options, ctx.settings.max_chunks))

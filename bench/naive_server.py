@@ -1,5 +1,6 @@
-"""The seed server's way of scoring, as a baseline: one request at a time, no cross-request
-batching, each request's pairs in unsorted batches of 256 (CONTRACT §2), eager forward passes.
+"""FastGPT's original bge-rerank server's way of scoring, as a baseline: one request at a time,
+no cross-request batching, each request's pairs in unsorted batches of 256 (CONTRACT §2), eager
+forward passes.
 
     MODEL_DIR=… DEVICE=cuda|cpu|sim gunicorn -w 1 -k sync 'bench.naive_server:create_app()'
 """
@@ -20,7 +21,7 @@ SEED_BATCH = 256
 
 
 def naive_scores(encoder: Encoder, backend: Backend, query: str, documents: Sequence[str]) -> list[float]:
-    """FlagReranker as the seed calls it: same truncation, input order, batches of 256."""
+    """FlagReranker as FastGPT's original server calls it: same truncation, input order, batches of 256."""
     sequences = encoder.encode(query, documents).sequences()
     logits: list[float] = []
     for start in range(0, len(sequences), SEED_BATCH):

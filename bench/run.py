@@ -1,7 +1,8 @@
-"""Side-by-side benchmark: the model in-process (ceiling), the seed's one-request-at-a-time server
-(naive) and this service end to end (gunicorn API, Redis, Celery worker, engine process), on the
-same machine, model folders and inputs, measured in turns. Prints one table of figures and ratios
-and writes it as JSON under bench/results/.
+"""Side-by-side benchmark: the model in-process (ceiling), a server that scores as FastGPT's
+original bge-rerank server does, one request at a time (naive), and this service end to end
+(gunicorn API, Redis, Celery worker, engine process), on the same machine, model folders and
+inputs, measured in turns. Prints one table of figures and ratios and writes it as JSON under
+bench/results/.
 
     python -m bench.run                         # CPU: everything (about 30 minutes on 2 cores)
     python -m bench.run --only w2,w3 --quick    # a smaller, faster pass
@@ -60,7 +61,6 @@ TARGETS_CPU = {
 }
 #: Issue 11's targets on a GPU (and on the simulated one, as far as 2 cores allow).
 TARGETS_GPU = {
-    "w1_service_over_ceiling": ("<=", 1.15),
     "w2_service_over_naive": (">=", 3.0),
     "w2_service_over_ceiling": (">=", 0.9),
     "w3_added_ms_p50": ("<=", 3.0),
@@ -128,6 +128,7 @@ class Timing:
     pairs: int = 0
     wall: float = 0.0
     statuses: Counter = field(default_factory=Counter)
+    upload: float = 0.0  # of a bulk job: seconds until its 202
 
     def summary(self) -> dict[str, float]:
         out: dict[str, float] = {}
@@ -261,7 +262,8 @@ class Ceiling:
 
 
 class Naive:
-    """The seed's way: one request at a time over HTTP, unsorted batches of 256, eager passes."""
+    """FastGPT's original server's way: one request at a time over HTTP, unsorted batches of 256,
+    eager passes."""
 
     name = "naive"
 
@@ -321,6 +323,7 @@ class Service:
         r = requests.post(self.url + "/v1/rerank/jobs", data=body, timeout=600,
                           headers={"Content-Type": "application/jsonl"})
         r.raise_for_status()
+        accepted = time.perf_counter()
         job = r.json()["id"]
         while True:
             status = requests.get(f"{self.url}/v1/rerank/jobs/{job}", timeout=30).json()
@@ -329,7 +332,7 @@ class Service:
             time.sleep(0.1)
         if status["status"] != "succeeded":
             raise RuntimeError(f"bulk job ended {status['status']}: {status}")
-        return Timing([], pairs, time.perf_counter() - started)
+        return Timing([], pairs, time.perf_counter() - started, upload=accepted - started)
 
     def model_counters(self, after: float = 0.0) -> dict[str, float]:
         """The worker's model seconds, pairs, tokens and forward CPU so far, from /metrics
@@ -426,20 +429,25 @@ def measure(path: Path, w: Workloads, only: set[str], log_dir: Path, args) -> di
         if "w4" in only:
             print(f"  W4 ({sum(len(d) for _, d in w.w4)} pairs) …", flush=True)
             totals = {s.name: Timing() for s in (ceiling, *services)}
+            uploads = {s.name: 0.0 for s in services}
             cpu: dict[str, dict[str, float]] = {s.name: {} for s in services}
             model = {s.name: dict.fromkeys(("model_s", "pairs", "real_tokens", "padded_tokens"), 0.0)
                      for s in services}
-            part = max(1, len(w.w4) // 4)
-            for start in range(0, len(w.w4), part):
-                chunk = w.w4[start : start + part]
-                timing = ceiling.whole(chunk)
-                totals["ceiling"].pairs += timing.pairs
-                totals["ceiling"].wall += timing.wall
+            # CPU: four jobs, each between two ceiling turns (the VM drifts). GPU/sim: one job of all
+            # the pairs, as the target asks, with the ceiling timed before and after it.
+            part = len(w.w4) if gpu else max(1, len(w.w4) // 4)
+            chunks = [w.w4[start : start + part] for start in range(0, len(w.w4), part)]
+            for chunk in chunks:
+                for _ in range(2 if gpu else 1):
+                    timing = ceiling.whole(chunk)
+                    totals["ceiling"].pairs += timing.pairs
+                    totals["ceiling"].wall += timing.wall
                 for system in services:
                     counters = system.model_counters()
                     timing, figures = cpu_per_pair(system, lambda s=system: s.bulk_job(chunk))
                     totals[system.name].pairs += timing.pairs
                     totals[system.name].wall += timing.wall
+                    uploads[system.name] += timing.upload
                     for key, value in figures.items():
                         cpu[system.name][key] = cpu[system.name].get(key, 0.0) + value * timing.pairs
                     after = system.model_counters(after=time.time())
@@ -451,6 +459,8 @@ def measure(path: Path, w: Workloads, only: set[str], log_dir: Path, args) -> di
             for system in services:
                 m, t = model[system.name], totals[system.name]
                 out[system.name]["w4"]["cpu"] = {k: v / t.pairs for k, v in cpu[system.name].items()}
+                out[system.name]["w4"]["upload_seconds"] = uploads[system.name]
+                out[system.name]["w4"]["pairs_per_s_after_accept"] = t.pairs / (t.wall - uploads[system.name])
                 # Where the W4 time went: model busy share of the wall, the model's own pace while
                 # busy, and padding (the ceiling sorts the whole workload at once).
                 out[system.name]["w4_profile"] = {
@@ -483,7 +493,7 @@ def cold_start_burst(path: Path, w: Workloads, log_dir: Path, args) -> dict[str,
 
 
 def seed_profile(ceiling: Ceiling, w: Workloads) -> dict[str, float]:
-    """Why the naive server is slow on a CPU: the seed's scoring alone, in-process, and its padding."""
+    """Why the naive server is slow on a CPU: its scoring alone, in-process, and its padding."""
     from bench.naive_server import SEED_BATCH, naive_scores
 
     encoder, backend = ceiling.engine.encoder, ceiling.engine.scorer.batcher.backend
@@ -581,14 +591,20 @@ def table(report: dict) -> str:
     ceil = r.get("ceiling", {}).get("w2", {}).get("pairs_per_s")
     if seed and ceil:
         lines.append(
-            f"\nW2 profile: the seed's scoring alone, in-process, does {seed['pairs_per_s']:.1f} pairs/s "
+            f"\nW2 profile: the naive server's scoring alone, in-process, does {seed['pairs_per_s']:.1f} pairs/s "
             f"({100 * seed['real_over_padded_tokens']:.0f} % of its computed tokens are real); the ceiling, "
             f"length-sorted under a token budget, does {ceil:.1f}: x{ceil / seed['pairs_per_s']:.2f} is all "
             "that scoring order can gain on this device.")
     ceil4 = r.get("ceiling", {}).get("w4", {}).get("pairs_per_s")
     for name in ("before", "service"):
         prof = r.get(name, {}).get("w4_profile")
+        w4 = r.get(name, {}).get("w4", {})
         if prof and ceil4:
+            if w4.get("upload_seconds"):
+                lines.append(
+                    f"W4 ({name}): {w4['seconds']:.1f} s in all, of which {w4['upload_seconds']:.1f} s uploading the "
+                    f"input until its 202; after the 202, {w4['pairs_per_s_after_accept']:.0f} pairs/s "
+                    f"({w4['pairs_per_s_after_accept'] / ceil4:.2f} x the ceiling).")
             lines.append(
                 f"W4 profile ({name}): the model ran {100 * prof['model_busy_share']:.0f} % of the job's wall time, "
                 f"at {prof['pairs_per_model_second']:.1f} pairs per model-second "

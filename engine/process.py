@@ -49,8 +49,6 @@ _RESULT = struct.Struct("<Q")
 _ERROR = struct.Struct("<QB")
 _STATS = struct.Struct("<IIIdddd")  # pairs, real tokens, padded tokens, cost, seconds, forward cpu, unused
 
-#: Error kinds on the wire.
-_KINDS: dict[int, type[Exception]] = {1: Expired, 2: Cancelled}
 
 
 class EngineFailed(RuntimeError):
@@ -63,6 +61,18 @@ class ScoringError(RuntimeError):
 
 class OutOfMemoryError(ScoringError):
     """Even a single pair of the request did not fit in device memory."""
+
+
+#: A failed request's error on the wire: (code, the engine's exception, what the worker raises).
+_ERRORS = ((1, Expired, Expired), (2, Cancelled, Cancelled), (3, OutOfMemory, OutOfMemoryError))
+
+
+def _code_of(error: BaseException) -> int:
+    return next((code for code, kind, _ in _ERRORS if isinstance(error, kind)), 0)
+
+
+def _error_of(code: int, text: str) -> Exception:
+    return next((raised for c, _, raised in _ERRORS if c == code), ScoringError)(text)
 
 
 class Pending:
@@ -187,7 +197,7 @@ class EngineProcess:
             elif kind == b"E":
                 ticket, code = _ERROR.unpack_from(message, 1)
                 text = message[1 + _ERROR.size :].decode(errors="replace")
-                error = _KINDS.get(code, OutOfMemoryError if code == 3 else ScoringError)(text)
+                error = _error_of(code, text)
                 self._settle(ticket, error=error)
             elif kind == b"B" and self.on_batch is not None:
                 pairs, real, padded, cost, seconds, cpu, _ = _STATS.unpack_from(message, 1)
@@ -257,9 +267,7 @@ def child_main(config, conn: Connection) -> None:
             if error is None:
                 send(b"R" + _RESULT.pack(ticket_id) + ticket.results.tobytes())
             else:
-                code = (1 if isinstance(error, Expired) else 2 if isinstance(error, Cancelled)
-                        else 3 if isinstance(error, OutOfMemory) else 4)
-                send(b"E" + _ERROR.pack(ticket_id, code) + f"{type(error).__name__}: {error}".encode())
+                send(b"E" + _ERROR.pack(ticket_id, _code_of(error)) + f"{type(error).__name__}: {error}".encode())
 
         return done
 

@@ -35,7 +35,7 @@ def score_call(ctx: WorkerContext, task: ScoreTask) -> ScoreReply | None:
     if task.deadline <= now:
         return None
     # A call queued for a while may have been given up by its caller (a 503 while this worker
-    # looked dead): ask before scoring. A call sent within the last second has not: no round trip.
+    # looked dead): ask before scoring. A call sent less than FRESH_SECONDS ago has not: no round trip.
     sent_at = task.deadline - ctx.settings.sync_timeout
     if now - sent_at > FRESH_SECONDS and not ctx.pending.waiting(ctx.spec.name, task.call_id):
         return None

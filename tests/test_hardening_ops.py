@@ -131,9 +131,10 @@ def _disk_used(path: Path) -> int:
 
 
 def _fill(path: Path) -> Path:
-    """Write until the disk is full."""
+    """Write until the disk is full (again: space freed since, e.g. by an append-only file rewrite
+    that finished after the last fill, is taken too)."""
     filler = path / "filler"
-    with open(filler, "wb") as f:
+    with open(filler, "ab") as f:
         try:
             while True:
                 f.write(b"\0" * (256 * 1024))
@@ -188,12 +189,18 @@ def test_full_disk_and_redis_out_of_memory_are_named_and_recovered_from(model_di
         assert statuses == Counter({200: calls}), statuses
         assert max(peak) < 22 * 2**20, max(peak)
 
-        # 2. The disk fills: Redis refuses writes; calls and /ready say so.
+        # 2. The disk fills: Redis refuses writes; calls and /ready say so. A rewrite of the
+        #    append-only file that ends after the fill would free the old file's space: let it end,
+        #    and fill again whatever space comes back while the calls go on.
+        wait_for(lambda: not any(client.info("persistence")[k] for k in ("aof_rewrite_in_progress",
+                                                                         "aof_rewrite_scheduled")),
+                 30, "the append-only file rewrite to end")
         filler = _fill(small_disk)
         outage = Counter()
         reasons = set()
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
+            _fill(small_disk)
             r = requests.post(api_url + "/v1/rerank", json={"query": "q", "documents": ["x"]}, timeout=10)
             outage[r.status_code] += 1
             if r.status_code == 503:

@@ -29,6 +29,7 @@ import json
 import os
 import platform
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -286,18 +287,24 @@ class Service:
     def __init__(self, path: Path, log_dir: Path, device: str, name: str = "service",
                  extra: dict[str, str] | None = None, warm: bool = True) -> None:
         self.name = name
-        self.redis, redis_url = start_redis(log_dir)
-        env = base_env(REDIS_URL=redis_url, MODELS=f"bench={path}", SYNC_TIMEOUT="900", DEVICE=device,
-                       DATA_DIR=str(log_dir / f"data-{name}-{path.name}"), LOG_LEVEL="WARNING",
-                       API_WORKERS="2", HEARTBEAT_INTERVAL="0.5", **(extra or {}))
-        self.env = env
-        self.started = time.perf_counter()
-        self.worker = start_worker(f"{name}-worker-{path.name}", env, log_dir, "bench")
-        self.api, self.url = start_api(f"{name}-api-{path.name}", env, log_dir)
-        self.ready_after = time.perf_counter() - self.started
-        self.call = http_caller(self.url)
-        if warm:
-            self.call("warm", ["up"])
+        self.redis = self.worker = self.api = None
+        try:
+            self.redis, redis_url = start_redis(log_dir)
+            env = base_env(**{"REDIS_URL": redis_url, "MODELS": f"bench={path}", "SYNC_TIMEOUT": "900",
+                              "DEVICE": device, "DATA_DIR": str(log_dir / f"data-{name}-{path.name}"),
+                              "LOG_LEVEL": "WARNING", "API_WORKERS": "2", "HEARTBEAT_INTERVAL": "0.5",
+                              **(extra or {})})
+            self.env = env
+            self.started = time.perf_counter()
+            self.worker = start_worker(f"{name}-worker-{path.name}", env, log_dir, "bench")
+            self.api, self.url = start_api(f"{name}-api-{path.name}", env, log_dir)
+            self.ready_after = time.perf_counter() - self.started
+            self.call = http_caller(self.url)
+            if warm:
+                self.call("warm", ["up"])
+        except BaseException:
+            self.close()  # what did start is stopped
+            raise
 
     def worker_info(self) -> dict:
         import redis as redis_lib
@@ -353,9 +360,9 @@ class Service:
         return out
 
     def close(self) -> None:
-        self.api.stop()
-        self.worker.stop()
-        self.redis.stop()
+        for proc in (self.api, self.worker, self.redis):
+            if proc is not None:
+                proc.stop()
 
 
 def cpu_per_pair(service: Service, run: Callable[[], Timing]) -> tuple[Timing, dict[str, float]]:
@@ -673,17 +680,22 @@ def main(argv: list[str] | None = None) -> int:
                        w2_requests=args.w2_requests, w3_requests=args.w3_requests, w4_pairs=args.w4_pairs,
                        doc_tokens=(150, 650) if gpu else (30, 400))
     log_dir = Path(tempfile.mkdtemp(prefix="rerank-bench-"))
-    print(f"logs in {log_dir}", flush=True)
+    print(f"logs in {log_dir} (removed after a run that ends well)", flush=True)
     results: dict[str, dict] = {"ceiling": {}, "naive": {}, "before": {}, "service": {}}
-    if "w1" in only:
-        print(f"W1 on {args.w1_arch} …", flush=True)
-        for name, figures in measure(model_dir(args.w1_arch, weights), w, {"w1"}, log_dir, args).items():
-            results[name].update(figures)
-    rest = only & {"w2", "w3", "w4", "w5"}
-    if rest:
-        print(f"{', '.join(sorted(rest)).upper()} on {args.arch} …", flush=True)
-        for name, figures in measure(small, w, rest, log_dir, args).items():
-            results[name].update(figures)
+    try:
+        if "w1" in only:
+            print(f"W1 on {args.w1_arch} …", flush=True)
+            for name, figures in measure(model_dir(args.w1_arch, weights), w, {"w1"}, log_dir, args).items():
+                results[name].update(figures)
+        rest = only & {"w2", "w3", "w4", "w5"}
+        if rest:
+            print(f"{', '.join(sorted(rest)).upper()} on {args.arch} …", flush=True)
+            for name, figures in measure(small, w, rest, log_dir, args).items():
+                results[name].update(figures)
+    except BaseException:
+        print(f"the run failed: its logs are kept in {log_dir}", flush=True)
+        raise
+    shutil.rmtree(log_dir, ignore_errors=True)
 
     report = {"machine": machine(), "device": args.device, "simulated": args.device == "sim",
               "models": {"w1": args.w1_arch, "w2_w4": args.arch},

@@ -54,19 +54,3 @@ def ranked_results(
         )
         for i, score in rank(logits, raw_scores=raw_scores, top_n=top_n)
     ]
-
-
-def shape_results(
-    logits: Sequence[float],
-    texts: Sequence[str],
-    *,
-    raw_scores: bool = False,
-    top_n: int | None = None,
-    return_documents: bool = False,
-    chunks: Sequence[int] | None = None,
-    truncated: Sequence[bool] | None = None,
-) -> list[dict[str, object]]:
-    """`ranked_results` as plain JSON-ready dicts (bulk job result lines)."""
-    return [r.model_dump(mode="json") for r in ranked_results(
-        logits, texts, raw_scores=raw_scores, top_n=top_n, return_documents=return_documents, chunks=chunks,
-        truncated=truncated)]

@@ -30,7 +30,7 @@ from rerank.launch import free_port, redis_argv
 from rerank.random_model import sentence
 from tests.procs import ROOT, Proc, base_env, start_api, start_worker, wait_for
 from tests.test_hardening import record
-from tests.test_launcher import processes_marked
+from tests.test_launcher import processes_marked, stop_marked
 
 pytestmark = [pytest.mark.stack, pytest.mark.hardening]
 
@@ -300,10 +300,7 @@ def test_crash_looping_worker_is_retried_with_backoff_and_never_stops_the_rest(m
         launcher.send_signal(signal.SIGINT)
         assert launcher.wait(60) == 0
     finally:
-        if launcher.poll() is None:
-            launcher.kill()
-        for pid in processes_marked(mark):
-            os.kill(pid, signal.SIGKILL)
+        stop_marked(launcher, mark)
         log.close()
     record("faults", "a worker whose model folder is empty (dies at start, again and again), and a worker "
            "SIGKILLed as the OOM killer would", f"{deaths} deaths of one worker, 1 kill of the other",

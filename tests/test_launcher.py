@@ -34,6 +34,14 @@ def processes_marked(mark: str) -> list[int]:
     return pids
 
 
+def stop_marked(launcher, mark: str) -> None:
+    """Teardown of a test that ran the launcher: it and every process it started are gone."""
+    if launcher.poll() is None:
+        launcher.kill()
+    for pid in processes_marked(mark):
+        os.kill(pid, signal.SIGKILL)
+
+
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs /proc")
 def test_up_serves_and_ctrl_c_stops_everything(model_dir, tmp_path):
     port, mark = free_port(), uuid.uuid4().hex
@@ -52,10 +60,7 @@ def test_up_serves_and_ctrl_c_stops_everything(model_dir, tmp_path):
         assert launcher.wait(60) == 0
         wait_for(lambda: not processes_marked(mark), 10, "every child to exit")
     finally:
-        if launcher.poll() is None:
-            launcher.kill()
-        for pid in processes_marked(mark):
-            os.kill(pid, signal.SIGKILL)
+        stop_marked(launcher, mark)
         log.close()
     text = (tmp_path / "up.log").read_text()
     assert "FastGPT rerank URL: http://" in text and f":{port}/v1/rerank" in text

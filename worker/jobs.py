@@ -15,7 +15,7 @@ import numpy as np
 from engine import BULK, Encoded, Engine
 from engine.batcher import Cancelled
 from shared import jobs as job_state
-from shared.ranking import shape_results
+from shared.ranking import ranked_results
 from shared.schemas import PieceTask, ScoreOptions
 from worker.context import WorkerContext
 from worker.realtime import policy_of
@@ -77,12 +77,11 @@ def _run_piece(ctx: WorkerContext, task: PieceTask) -> str:
         lines.append({
             "id": item["id"],
             "index": item["index"],
-            "results": shape_results(scores.logits.tolist(), item["documents"], raw_scores=job.raw_scores,
-                                     top_n=item.get("top_n"), return_documents=job.return_documents,
-                                     chunks=_chunks(scores.chunks, len(item["documents"])) if job.return_chunks
-                                     else None,
-                                     truncated=_truncated(scores.truncated, len(item["documents"]))
-                                     if job.return_chunks else None),
+            "results": [r.model_dump(mode="json") for r in ranked_results(
+                scores.logits.tolist(), item["documents"], raw_scores=job.raw_scores, top_n=item.get("top_n"),
+                return_documents=job.return_documents,
+                chunks=_chunks(scores.chunks, len(item["documents"])) if job.return_chunks else None,
+                truncated=_truncated(scores.truncated, len(item["documents"])) if job.return_chunks else None)],
             "meta": {"tokens": {"input_tokens": scores.input_tokens}},
         })
     storage.write_lines(storage.result_path(task.job_id, task.piece), lines)

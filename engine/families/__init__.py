@@ -31,6 +31,10 @@ FAMILIES: dict[str, str] = {
     "gemma": "engine.families.gemma",
 }
 
+#: The max_length each family serves when nothing says otherwise (Qwen3-Reranker takes 32 k tokens;
+#: 8192 keeps one pair's attention and memory in reason; FlagLLMReranker's default is 512).
+CONTEXT_LENGTHS: dict[str, int] = {"cross-encoder": 512, "qwen3": 8192, "gemma": 512}
+
 #: config.json `architectures` that name a family on their own (anything else: cross-encoder,
 #: which accepts every *ForSequenceClassification with one label).
 ARCHITECTURES: dict[str, str] = {
@@ -45,6 +49,16 @@ def detect(config: dict) -> str:
         if arch in ARCHITECTURES:
             return ARCHITECTURES[arch]
     return "cross-encoder"
+
+
+def detect_folder(source: str) -> str | None:
+    """The family of a local checkpoint folder, from its config.json (None when it is not a
+    readable folder: a hub id, or a folder the API process cannot see). Reads JSON only."""
+    config = Path(source) / "config.json"
+    try:
+        return detect(json.loads(config.read_text()))
+    except (OSError, ValueError):
+        return None
 
 
 def get(name: str) -> ModuleType:

@@ -7,11 +7,12 @@ original encoder of this service); the score is the classifier's logit, its rele
 from __future__ import annotations
 
 from engine.encoding import Encoder
+from engine.families import CONTEXT_LENGTHS
 
 NAME = "cross-encoder"
 ACTIVATION = "sigmoid"
 TAKES_INSTRUCTION = False
-CONTEXT_LENGTH = 512
+CONTEXT_LENGTH = CONTEXT_LENGTHS[NAME]
 
 
 def encoder(source: str, max_length: int | None = None, template: dict | None = None) -> Encoder:

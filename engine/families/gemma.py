@@ -11,13 +11,14 @@ A JSON MODELS entry may override the prompt: `"template": {"prompt": ...}`.
 from __future__ import annotations
 
 from engine.cost import query_cap
+from engine.families import CONTEXT_LENGTHS
 from engine.families import causal_lm_dtype as _dtype
 from engine.families.prompt import PromptEncoder, limit_of, pad_of
 
 NAME = "gemma"
 ACTIVATION = "sigmoid"
 TAKES_INSTRUCTION = False
-CONTEXT_LENGTH = 512  # FlagLLMReranker.compute_score's max_length
+CONTEXT_LENGTH = CONTEXT_LENGTHS[NAME]
 
 PROMPT = ("Given a query A and a passage B, determine whether the passage contains an answer to the query by "
           "providing a prediction of either 'Yes' or 'No'.")

@@ -13,13 +13,14 @@ A JSON MODELS entry may override the strings: `"template": {"instruction": ..., 
 
 from __future__ import annotations
 
+from engine.families import CONTEXT_LENGTHS
 from engine.families import causal_lm_dtype as _dtype
 from engine.families.prompt import PromptEncoder, limit_of, pad_of, single_token
 
 NAME = "qwen3"
 ACTIVATION = "sigmoid"
 TAKES_INSTRUCTION = True
-CONTEXT_LENGTH = 8192
+CONTEXT_LENGTH = CONTEXT_LENGTHS[NAME]
 
 PREFIX = ('<|im_start|>system\nJudge whether the Document meets the requirements based on the Query and the '
           'Instruct provided. Note that the answer can only be "yes" or "no".<|im_end|>\n<|im_start|>user\n')

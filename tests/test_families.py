@@ -215,3 +215,22 @@ def test_cost_and_activation_are_one_definition_and_the_api_stays_light():
             "bad = [m for m in ('numpy', 'torch', 'tokenizers') if m in sys.modules]; print(bad); sys.exit(bool(bad))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_simulated_gpu_has_qwen3_profiles_derived_by_flops(tmp_path):
+    from engine.backends.sim import DERIVED, MEASURED_SHAPE, Timing, flops_per_token
+    from rerank.random_model import build_model
+
+    folder = build_model(tmp_path / "qwen3-0.6b", "qwen3-0.6b", weights=False)  # config + tokenizer only
+    sim = Engine.start(EngineConfig(source=str(folder), device="sim", cuda_graphs=False))
+    try:
+        assert "qwen3-0.6b" in sim.info["backend"] and sim.info["family"] == "qwen3"
+        assert sim.info["max_length"] == 8192 and sim.info["dtype"] == "bfloat16"
+    finally:
+        sim.stop()
+    measured, small, big = Timing.load("v2-m3"), Timing.load("qwen3-0.6b"), Timing.load("qwen3-8b")
+    # Where the device is the bottleneck, a pass takes the FLOPs ratio longer than the measured one.
+    for timing, name in ((small, "qwen3-0.6b"), (big, "qwen3-8b")):
+        ratio = flops_per_token(DERIVED[name], 512) / flops_per_token(MEASURED_SHAPE, 512)
+        assert timing.eager(256, 512)[1] == pytest.approx(measured.eager(256, 512)[1] * ratio, rel=0.01)
+    assert 1.3 < small.eager(256, 512)[1] / measured.eager(256, 512)[1] < 1.6  # 0.6B ~ 1.5 x large per pair

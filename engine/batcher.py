@@ -39,7 +39,6 @@ WINDOW_BUDGETS = {REALTIME: 8, BULK: 64}
 WINDOW_PAIRS = 4096
 
 
-
 class Expired(Exception):
     """The request's deadline passed before it was scored (its caller has given up)."""
 

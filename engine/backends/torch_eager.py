@@ -1,7 +1,8 @@
 """The model as transformers loads it, run eagerly with torch on the CPU or a CUDA device.
 
-Loading follows transformers/sentence-transformers (`AutoModelForSequenceClassification` from a
-Hugging Face id or a local folder). fp16 on CUDA (the reference's fast path), float32 on CPU,
+The model family builds the module (engine/families/: `AutoModelForSequenceClassification` for
+cross-encoders, as sentence-transformers loads it; a causal LM's base model and score rows for
+Qwen3 and gemma), from a Hugging Face id or a local folder. fp16 on CUDA (bf16 for causal LMs) (the reference's fast path), float32 on CPU,
 where half precision is slow; logits always come back as float32.
 """
 

@@ -33,6 +33,13 @@ def workers_layout(workers: list[dict]) -> Layout:
     return layout(None)
 
 
+def served_length(workers: list[dict], default: int) -> int:
+    """Tokens per pair the live workers serve (their heartbeat's context_length): a worker that
+    sees a Qwen3 folder serves 8192 even where the API, without the folder, assumed the default."""
+    lengths = [int(w["context_length"]) for w in workers if w.get("context_length")]
+    return max(lengths) if lengths else default
+
+
 def estimate_cost(query: str, documents: list[str], options: ScoreOptions, *, max_length: int,
                   chars_per_token: float, max_chunks: int = 64, pair_layout: Layout | None = None) -> int:
     """What a call will cost the batcher, from its text alone: tokens estimated from characters

@@ -211,6 +211,7 @@ def test_cost_and_activation_are_one_definition_and_the_api_stays_light():
     # A Qwen3 query is not cut to 3/4 on its own; a cross-encoder's is.
     assert qwen.query_tokens(7000, 8192) == 7000 and cost.layout(None).query_tokens(7000, 8192) == 6144
     assert admission.workers_layout([{"family": "qwen3", "template_tokens": 100}]) == qwen
+    assert admission.served_length([{"context_length": 8192}], 512) == 8192 and admission.served_length([], 512) == 512
     code = ("import sys; import api.admission, shared.ranking, shared.settings; "
             "bad = [m for m in ('numpy', 'torch', 'tokenizers') if m in sys.modules]; print(bad); sys.exit(bool(bad))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)

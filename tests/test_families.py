@@ -132,6 +132,18 @@ def test_gemma_scores_equal_flag_llm_reranker_whatever_the_batch(gemma_engine, g
         [flag.ids(long_query, d, max_length=128) for d in docs[:3]]
 
 
+def test_gemma_scores_equal_flagembedding_itself_where_it_is_installed(gemma_engine, gemma_dir):
+    """FlagEmbedding's own FlagLLMReranker (batched, padded), where the package is importable.
+    It is not in requirements/ (datasets, peft, ir-datasets... for one reference); FlagEmbedding
+    1.4.2 was run against this test with `pip install --no-deps --target DIR FlagEmbedding==1.4.2
+    datasets peft accelerate multiprocess pandas dill xxhash pyarrow` and PYTHONPATH=DIR: 2e-6."""
+    flag_module = pytest.importorskip("FlagEmbedding")
+    query, docs = "what does the worker queue deploy?", [d for d in documents() if d]
+    flag = flag_module.FlagLLMReranker(str(gemma_dir), use_fp16=False, devices="cpu")
+    reference = flag.compute_score([[query, d] for d in docs], batch_size=4, max_length=512, normalize=False)
+    assert np.abs(np.asarray(reference) - gemma_engine.score(query, docs).logits).max() < TOLERANCE
+
+
 def test_families_without_an_instruction_refuse_one(gemma_engine, engine):
     for e in (gemma_engine, engine):
         with pytest.raises(InstructionNotAccepted):

@@ -19,7 +19,7 @@ from kombu.exceptions import OperationalError
 
 from api.admission import chars_per_token, estimate_cost, pending_limit, retry_after
 from api.errors import ApiError
-from shared import names, redis_state
+from shared import names, redis_client, redis_state
 from shared.celery_config import make_celery
 from shared.pending import PendingWork
 from shared.schemas import ScoreOptions, ScoreReply, ScoreTask
@@ -52,8 +52,8 @@ class Dispatcher:
         self.settings = settings
         self.celery = make_celery(settings, "rerank-api")
         # BLPOP holds a connection while it waits, so the socket timeout must outlast one wait.
-        self.redis = redis.Redis.from_url(
-            settings.broker_url,
+        self.redis = redis_client.connect(
+            settings,
             socket_connect_timeout=2,
             socket_timeout=LIVENESS_CHECK_SECONDS + 5,
             health_check_interval=30,
@@ -87,6 +87,7 @@ class Dispatcher:
         cost = estimate_cost(query, documents, options, max_length=model.max_length,
                              chars_per_token=chars_per_token(workers), max_chunks=self.settings.max_chunks)
         verdict = self.pending.admit(model.name, call_id, cost, deadline, now, limit)
+        master = redis_client.master_address(self.redis)  # Sentinel: where the call was recorded
         if not verdict.admitted:
             raise ApiError(
                 429,
@@ -97,7 +98,7 @@ class Dispatcher:
         task = ScoreTask(call_id=call_id, request_id=request_id, query=query, documents=documents,
                          deadline=deadline, options=options)
         try:
-            return self._send_and_wait(model, task)  # the worker released the call with its answer
+            return self._send_and_wait(model, task, master)  # the worker released the call with its answer
         except BaseException:
             try:
                 self.pending.release(model.name, call_id)
@@ -105,7 +106,7 @@ class Dispatcher:
                 pass  # the entry expires at its deadline anyway
             raise
 
-    def _send_and_wait(self, model: ModelSpec, task: ScoreTask) -> Scored:
+    def _send_and_wait(self, model: ModelSpec, task: ScoreTask, master: tuple[str, int] | None = None) -> Scored:
         deadline = task.deadline
         self.celery.send_task(
             names.RERANK_TASK,
@@ -127,6 +128,10 @@ class Dispatcher:
             item = self.redis.blpop([key], timeout=min(LIVENESS_CHECK_SECONDS, left))
             if item is not None:
                 return self._unpack(ScoreReply.model_validate_json(item[1]))
+            if master is not None and redis_client.master_address(self.redis) != master:
+                # Sentinel promoted a replica meanwhile: the task or its answer may have been written
+                # to the old master only (replication is asynchronous), so this wait could be in vain.
+                raise ApiError(503, "Redis failed over to a new primary while this call waited; send it again")
             self._require_worker(model, fresh=True)
 
     @staticmethod

@@ -31,7 +31,7 @@ from celery import Celery
 from api import job_results
 from api.errors import ApiError
 from api.job_inputs import Entry, Truncated
-from shared import names
+from shared import names, redis_client
 from shared.feed import Feeder
 from shared.jobs import Job, JobStore, Refusal, new_job_id, owner_of
 from shared.schemas import JobItem, JobOptions, RerankRequest
@@ -203,9 +203,15 @@ class JobService:
                   input_bytes=cutter.bytes_stored, return_documents=options.return_documents,
                   raw_scores=options.raw_scores, return_chunks=options.return_chunks,
                   options=options.score_options().model_dump_json())
-        if not self.store.accept(job):
+        replicas = redis_client.replicas_to_wait_for(self.settings)
+        accepted, held_by = self.store.accept(job, replicas, self.settings.redis_wait_timeout)
+        if not accepted:
             raise ApiError(503, "the job's upload state was lost (Redis restarted, or the upload stalled "
                            "too long); send it again", error_type="unavailable")
+        if held_by < replicas:  # a failover now could lose it: refuse it rather than send a 202
+            raise ApiError(503, f"the job reached {held_by} of the {replicas} Redis replica(s) it must be on "
+                           f"within {self.settings.redis_wait_timeout:g}s (REDIS_MIN_REPLICAS); nothing was "
+                           "queued, send it again", error_type="unavailable")
         try:
             self.feeder.feed(model.name)
         except (redis.RedisError, OSError) as exc:  # accepted already: the next feed catches up

@@ -216,9 +216,11 @@ class JobStore:
         pipe.zadd(names.owner_jobs_key(owner), {job_id: input_bytes}, xx=True)
         return bool(pipe.execute()[0])
 
-    def accept(self, job: Job) -> bool:
-        """The whole input is stored: the job is queued and joins the fair turns. False when its
-        `receiving` state was lost meanwhile (it expired, or Redis lost it)."""
+    def accept(self, job: Job, replicas: int = 0, wait_seconds: float = 2.0) -> tuple[bool, int]:
+        """The whole input is stored: the job is queued and joins the fair turns. Returns whether it
+        was (False when its `receiving` state was lost meanwhile: it expired, or Redis lost it) and
+        how many replicas confirmed holding it: with `replicas` > 0 the script and a `WAIT` go on one
+        connection (WAIT counts that connection's writes), so a promoted replica has the job."""
         fields = {
             "status": QUEUED, "items_total": job.items_total, "pairs_total": job.pairs_total,
             "pieces_total": job.pieces_total, "items_done": 0, "pairs_done": 0, "pieces_done": 0,
@@ -228,11 +230,16 @@ class JobStore:
         }
         flat = [str(v) for pair in fields.items() for v in pair]
         _, owners, turn, _ = names.feed_keys(job.model)
-        return bool(self._accept(
-            keys=[names.job_key(job.id), names.owner_jobs_key(job.owner),
-                  names.feed_owner_key(job.model, job.owner), owners, turn],
-            args=[job.input_bytes, job.id, job.owner, job.created_at, *flat],
-        ))
+        keys = [names.job_key(job.id), names.owner_jobs_key(job.owner),
+                names.feed_owner_key(job.model, job.owner), owners, turn]
+        args = [job.input_bytes, job.id, job.owner, job.created_at, *flat]
+        if replicas <= 0:
+            return bool(self._accept(keys=keys, args=args)), 0
+        pipe = self._redis.pipeline(transaction=False)
+        self._accept(keys=keys, args=args, client=pipe)
+        pipe.execute_command("WAIT", replicas, int(wait_seconds * 1000))
+        accepted, acknowledged = pipe.execute()
+        return bool(accepted), int(acknowledged)
 
     def forget(self, job_id: str, owner: str) -> None:
         """Drop the state of a job that was refused or removed."""

@@ -314,7 +314,7 @@ class HealthResponse(BaseModel):
 class ReadyResponse(BaseModel):
     status: str = Field(description="ready or unavailable")
     redis: str = Field(
-        description="ok, unreachable, cannot_write (disk full), out_of_memory, read_only or refused")
+        description="ok, unreachable, cannot_write (disk full), out_of_memory, read_only, refused or failing_over")
     models: dict[str, dict[str, int]] = Field(description="Live workers per served model.")
     missing: list[str]
     detail: str | None = omitted_if_none("When unavailable: what is missing, in words (as on every error).")

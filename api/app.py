@@ -16,6 +16,7 @@ from flask import Flask, current_app, g, request
 from kombu.exceptions import OperationalError
 
 from api import metrics
+from api.admission import pending_limit
 from api.auth import needs_token, require_token
 from api.dispatch import Dispatcher, redis_error
 from api.errors import error_response, register_error_handlers
@@ -39,7 +40,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     dispatcher = Dispatcher(settings)
     app.extensions["dispatcher"] = dispatcher
     app.extensions["jobs"] = JobService(settings, dispatcher.redis, dispatcher.celery, dispatcher.workers)
-    app.extensions["cluster_metrics"] = ClusterCollector(dispatcher.redis, settings)
+    app.extensions["cluster_metrics"] = ClusterCollector(dispatcher.redis, settings, limit=lambda alive: pending_limit(
+        settings.max_pending_tokens, alive, settings.sync_timeout))
 
     register_error_handlers(app)
 

@@ -86,6 +86,8 @@ def _run_piece(ctx: WorkerContext, task: PieceTask) -> str:
         })
     storage.write_lines(storage.result_path(task.job_id, task.piece), lines)
     counted = store.complete_piece(task.job_id, task.piece, len(items), pairs)
+    if counted:
+        ctx.metrics.job_items_done(len(items))
     return "done" if counted else "redone"  # redone: a redelivered piece, counted once
 
 

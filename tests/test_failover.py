@@ -17,11 +17,13 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import requests
 
 from rerank.random_model import sentence
+from shared import names
 from tests.procs import Proc, base_env, redis_for, start_api, start_worker, wait_for
 from tests.sentinel_cluster import MASTER_NAME, SentinelCluster
 
@@ -72,7 +74,9 @@ def failover(model_dir, tmp_path_factory):
         yield Failover(cluster, env, url, api, procs[0])
     finally:
         for proc in reversed(procs):
-            proc.stop()
+            started = time.monotonic()
+            code = proc.stop()
+            print(f"[failover] {proc.name} stopped with {code} in {time.monotonic() - started:.1f}s")
         cluster.stop()
 
 
@@ -148,8 +152,10 @@ def test_master_killed_under_load(failover):
     statuses = Counter(o[2] for o in during)
     wrong = [o for o in load.outcomes if not o[3]]
     failed = [o for o in during if o[2] != 200]
+    in_flight = Counter(o[2] for o in load.outcomes if o[0] < killed_at < o[1])
     report(f"kill -9 the master under load (6 callers): {len(before)} calls before, {len(during)} from the kill on, "
-           f"statuses {dict(statuses)}; calls failed: {len(failed)}; wrong answers: {len(wrong)}; "
+           f"statuses {dict(statuses)} (in flight at the kill: {dict(in_flight)}); calls failed: {len(failed)}; "
+           f"wrong answers: {len(wrong)}; "
            f"Sentinel promoted the replica {promoted_at - killed_at:.1f} s after the kill; calls all succeed again "
            f"{back - killed_at:.1f} s after the kill ({back - promoted_at:+.1f} s from the promotion); "
            f"slowest failed call {max((o[1] - o[0] for o in failed), default=0):.2f} s")
@@ -184,6 +190,19 @@ def results(fo: Failover, job_id: str) -> list[dict]:
     r = fo.get(f"/v1/rerank/jobs/{job_id}/results")
     assert r.status_code == 200, r.text
     return [json.loads(line) for line in r.text.splitlines()]
+
+
+def bulk_outcomes(fo: Failover) -> dict[str, float]:
+    """Bulk pieces the worker ended, by outcome (done; redone or skipped-duplicate: handed out again)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = requests.get(fo.url + "/metrics", timeout=5).text
+    counts: Counter = Counter()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "rerank_worker_tasks_total" and sample.labels.get("kind") == "bulk":
+                counts[sample.labels["outcome"]] += sample.value
+    return dict(counts)
 
 
 def test_master_killed_mid_job(failover):
@@ -230,7 +249,15 @@ def test_master_killed_mid_job(failover):
         got = [line["id"] for line in results(failover, job_id)]
         small_lost += j["status"] != "succeeded" or j["progress"]["items_done"] != 8
         small_wrong += got != [f"{seed}-{i}" for i in range(8)]
-    report(f"kill -9 the master mid-job: a 240-item job ({done_before} items done at the kill) ended "
+    # Nothing stays behind: pieces the worker held at the kill come back after VISIBILITY_TIMEOUT and
+    # are acknowledged (redone or skipped, counted once) - the unacknowledged hash empties.
+    client = redis_for(failover.env)
+    wait_for(lambda: client.hlen(names.KOMBU_UNACKED) == 0 and client.llen(names.bulk_queue("tiny")) == 0, 60,
+             "every message acknowledged")
+    time.sleep(1.5)  # the worker's metrics reach /metrics with its next heartbeat
+    outcomes = bulk_outcomes(failover)
+    report(f"kill -9 the master mid-job: bulk pieces by outcome {outcomes} (redone, skipped: handed out again "
+           f"after the failover); a 240-item job ({done_before} items done at the kill) ended "
            f"{final['status']} with {final['progress']['items_done']}/240 items counted, {len(set(ids))} distinct "
            f"result lines of {len(ids)}; Sentinel promoted after {promoted_at - killed_at:.1f} s; "
            f"small jobs sent through the failover: {len(accepted)} accepted (202), refused {dict(refused)}, "
@@ -240,6 +267,25 @@ def test_master_killed_mid_job(failover):
     assert accepted and small_lost == 0 and small_wrong == 0
     assert set(refused) <= {503}, refused
     failover.cluster.rejoin(old)
+
+
+def test_job_not_on_enough_replicas_is_refused_and_removed(failover, tmp_path):
+    """A job that cannot be confirmed on REDIS_MIN_REPLICAS gets a 503, never a 202, and leaves nothing."""
+    env = dict(failover.env, REDIS_MIN_REPLICAS="2", REDIS_WAIT_TIMEOUT="0.5")  # there is one replica
+    api, url = start_api("failover-api-2-replicas", env, tmp_path)
+    try:
+        client = redis_for(failover.env)
+        jobs_before = set(client.scan_iter("rerank:job:*"))
+        folders_before = set(Path(env["DATA_DIR"], "jobs").iterdir())
+        r = requests.post(url + "/v1/rerank/jobs", headers={"Authorization": f"Bearer {TOKEN}"},
+                          json={"items": [{"id": "x", "query": "q", "documents": ["a", "b"]}]}, timeout=30)
+        assert r.status_code == 503 and "1 of the 2 Redis replica" in r.json()["error"], r.text
+        assert set(client.scan_iter("rerank:job:*")) == jobs_before
+        assert set(Path(env["DATA_DIR"], "jobs").iterdir()) == folders_before
+        report(f"REDIS_MIN_REPLICAS=2 with one replica: a job is refused with 503 in {r.elapsed.total_seconds():.2f} s, "
+               "its state and files removed")
+    finally:
+        api.stop()
 
 
 def test_client_follows_the_master_and_jobs_wait_for_a_replica(failover):

@@ -295,3 +295,20 @@ def test_client_follows_the_master_and_jobs_wait_for_a_replica(failover):
     client.set("failover:probe", "1")
     assert client.connection_pool.get_master_address() == ("127.0.0.1", master)
     assert int(client.execute_command("WAIT", 1, 2000)) >= 1
+
+
+
+def test_metrics_tell_a_replica_from_a_primary(failover):
+    """rerank_redis_state (the alert on Redis refusing writes): ok through the Sentinels, read_only
+    for a client pointed at the replica by mistake."""
+    import redis
+
+    from shared.cluster_metrics import ClusterCollector
+    from shared.settings import Settings
+
+    text = requests.get(failover.url + "/metrics", timeout=5).text
+    assert 'rerank_redis_state{state="ok"} 1.0' in text and 'rerank_redis_state{state="read_only"} 0.0' in text
+    replica = next(p for p in failover.cluster.nodes if p != failover.cluster.master_port())
+    collector = ClusterCollector(redis.Redis(port=replica), Settings(models="tiny=/nowhere"))
+    (state,) = [m for m in collector.collect() if m.name == "rerank_redis_state"]
+    assert {s.labels["state"]: s.value for s in state.samples}["read_only"] == 1

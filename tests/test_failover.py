@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import random
+import signal
 import threading
 import time
 from collections import Counter
@@ -46,6 +47,7 @@ class Failover:
     url: str
     api: Proc
     worker: Proc
+    log_dir: Path
 
     def post(self, path: str, timeout: float = 30, **kw) -> requests.Response:
         return requests.post(self.url + path, headers={"Authorization": f"Bearer {TOKEN}", **kw.pop("headers", {})},
@@ -61,19 +63,20 @@ def failover(model_dir, tmp_path_factory):
     work = tmp_path_factory.mktemp("failover-redis")
     data = tmp_path_factory.mktemp("failover-data")
     cluster = SentinelCluster(log_dir, work)
-    procs: list[Proc] = []
+    fo: Failover | None = None
+    worker: Proc | None = None
     try:
         cluster.start()
         env = base_env(REDIS_URL=cluster.url, REDIS_MASTER_NAME=MASTER_NAME, MODELS=f"tiny={model_dir}",
                        ACCESS_TOKEN=TOKEN, SYNC_TIMEOUT=str(SYNC_TIMEOUT), HEARTBEAT_INTERVAL="0.5",
                        VISIBILITY_TIMEOUT="5", REDELIVER_AFTER="3", WORKER_CONCURRENCY="8", JOB_PIECE_PAIRS="40",
                        MAX_PENDING_TOKENS="100000000", TORCH_THREADS="1", DATA_DIR=str(data), LOG_LEVEL="INFO")
-        procs.append(start_worker("failover-worker", env, log_dir, "tiny"))
+        worker = start_worker("failover-worker", env, log_dir, "tiny")
         api, url = start_api("failover-api", env, log_dir)
-        procs.append(api)
-        yield Failover(cluster, env, url, api, procs[0])
+        fo = Failover(cluster, env, url, api, worker, log_dir)
+        yield fo
     finally:
-        for proc in reversed(procs):
+        for proc in ([fo.api, fo.worker] if fo else [worker] if worker else []):  # the worker may be a new one
             started = time.monotonic()
             code = proc.stop()
             print(f"[failover] {proc.name} stopped with {code} in {time.monotonic() - started:.1f}s")
@@ -266,6 +269,38 @@ def test_master_killed_mid_job(failover):
     assert ids == [f"1-{i}" for i in range(240)]  # every item once, in order
     assert accepted and small_lost == 0 and small_wrong == 0
     assert set(refused) <= {503}, refused
+    failover.cluster.rejoin(old)
+
+
+def test_master_and_worker_killed_together_mid_job(failover):
+    """A node that ran the primary and the worker dies: the pieces that worker held are handed out
+    again from the new primary (to a new worker), and every item is counted once."""
+    from shared.workers import WorkerRegistry
+
+    r = submit(failover, 160, seed=2)
+    assert r.status_code == 202, r.text
+    job_id = r.json()["id"]
+    client = redis_for(failover.env)
+    (info,) = WorkerRegistry(client).alive("tiny", fresh=True)
+    held = wait_for(lambda: job(failover, job_id)["progress"]["items_done"] > 0
+                    and client.smembers(names.held_key(info["id"])), 60, "the worker to hold pieces mid-job")
+    failover.worker.signal(signal.SIGKILL)
+    failover.worker.stop()
+    old, killed_at = failover.cluster.kill_master()
+    _, promoted_at = failover.cluster.wait_promotion(old)
+    failover.worker = start_worker("failover-worker-2", failover.env, failover.log_dir, "tiny")
+    ready_at = time.monotonic()
+    final = wait_job(failover, job_id)
+    ids = [line["id"] for line in results(failover, job_id)]
+    wait_for(lambda: client.hlen(names.KOMBU_UNACKED) == 0, 60, "every message acknowledged")
+    report(f"kill -9 the master and the worker together mid-job: the worker held {len(held)} piece(s); "
+           f"promoted after {promoted_at - killed_at:.1f} s, a new worker ready after {ready_at - killed_at:.1f} s; "
+           f"the 160-item job ended {final['status']} with {final['progress']['items_done']}/160 counted, "
+           f"{len(set(ids))} distinct result lines of {len(ids)}, "
+           f"{time.monotonic() - killed_at:.1f} s after the kill; items lost: {160 - len(set(ids))}")
+    assert held
+    assert final["status"] == "succeeded" and final["progress"]["items_done"] == 160
+    assert ids == [f"2-{i}" for i in range(160)]
     failover.cluster.rejoin(old)
 
 

@@ -92,6 +92,19 @@ def output_labels(node) -> set[str] | None:
 # --- the files themselves (no stack) ------------------------------------------------------------
 
 
+def test_the_walk_finds_every_metric_and_label_a_query_names():
+    names = Names('sum by (a) (rate(x_total{b="1"}[5m])) / on (c) group_left max without (d) (y) > 0 '
+                  'and absent(z{e=~"."})')
+    assert names.metrics == {"x_total", "y", "z"}
+    assert names.matchers == {"b", "e"} and names.grouping == {"a", "c", "d"}
+    assert output_labels(promql_parser.parse("max by (model) (x) == 0")) == {"model"}
+    with pytest.raises(Exception):
+        promql_parser.parse("rate(x[5m]")  # a syntax error is refused
+    with pytest.raises(Exception):
+        promql_parser.parse("no_such_function(x)")
+
+
+
 def test_dashboard_loads_and_every_query_parses():
     d = dashboard()
     assert d["uid"] and d["title"] and d["panels"]

@@ -113,7 +113,6 @@ return status
 _INTS = ("items_total", "pairs_total", "pieces_total", "items_done", "pairs_done", "pieces_done", "errors",
          "pieces_failed", "pieces_fed", "input_bytes")
 _FLOATS = ("created_at", "started_at", "finished_at")
-_BOOLS = ("return_documents", "raw_scores", "return_chunks")
 
 
 def new_job_id() -> str:
@@ -146,10 +145,7 @@ class Job:
     created_at: float = 0.0
     started_at: float | None = None
     finished_at: float | None = None
-    return_documents: bool = False
-    raw_scores: bool = False
-    return_chunks: bool = False
-    options: str = "{}"  # ScoreOptions as JSON: how long documents are handled
+    options: str = "{}"  # its ScoreOptions as JSON (shared/schemas.py): how it is scored and answered
 
     @classmethod
     def from_redis(cls, raw: dict[bytes, bytes]) -> Job:
@@ -158,8 +154,6 @@ class Job:
             data[key] = int(data.get(key, 0))
         for key in _FLOATS:
             data[key] = float(data[key]) if data.get(key) else None
-        for key in _BOOLS:
-            data[key] = data.get(key) == "1"
         return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
 
     @property
@@ -223,8 +217,7 @@ class JobStore:
             "status": QUEUED, "items_total": job.items_total, "pairs_total": job.pairs_total,
             "pieces_total": job.pieces_total, "items_done": 0, "pairs_done": 0, "pieces_done": 0,
             "pieces_failed": 0, "pieces_fed": 0, "errors": 0, "input_bytes": job.input_bytes,
-            "return_documents": int(job.return_documents), "raw_scores": int(job.raw_scores),
-            "return_chunks": int(job.return_chunks), "options": job.options,
+            "options": job.options,
         }
         flat = [str(v) for pair in fields.items() for v in pair]
         _, owners, turn, _ = names.feed_keys(job.model)
@@ -248,8 +241,7 @@ class JobStore:
             "items_total": job.items_total, "pairs_total": job.pairs_total,
             "pieces_total": job.pieces_total, "items_done": 0, "pairs_done": 0, "pieces_done": 0,
             "errors": 0, "created_at": job.created_at or time.time(),
-            "return_documents": int(job.return_documents), "raw_scores": int(job.raw_scores),
-            "return_chunks": int(job.return_chunks), "options": job.options,
+            "options": job.options,
         }
         self._redis.hset(names.job_key(job.id), mapping=fields)
 

@@ -266,7 +266,7 @@ class JobService:
         whose sender died before it reached the broker is handed out again even when no worker is
         ending pieces (shared/feed.py)."""
         try:
-            if self.redis.set(f"{names.feed_keys(model)[2]}:api", "1", nx=True, ex=FEED_EVERY_SECONDS):
+            if self.redis.set(names.feed_topup_key(model), "1", nx=True, ex=FEED_EVERY_SECONDS):
                 self.feeder.feed(model)
         except (redis.RedisError, OSError) as exc:
             log.warning("could not top up the bulk pieces of %s: %s", model, exc)

@@ -34,7 +34,7 @@ class ClusterCollector:
                 pipe = self._redis.pipeline()
                 pipe.llen(names.realtime_queue(model))
                 pipe.llen(names.bulk_queue(model))
-                pipe.get(names.pending_keys(model)[2])
+                pipe.get(names.pending_keys(model).total)
                 realtime, bulk, total = pipe.execute()
                 depth.add_metric([model, "realtime"], realtime)
                 depth.add_metric([model, "bulk"], bulk)

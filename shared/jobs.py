@@ -220,10 +220,10 @@ class JobStore:
             "options": job.options,
         }
         flat = [str(v) for pair in fields.items() for v in pair]
-        _, owners, turn, _ = names.feed_keys(job.model)
+        feed = names.feed_keys(job.model)
         return bool(self._accept(
             keys=[names.job_key(job.id), names.owner_jobs_key(job.owner),
-                  names.feed_owner_key(job.model, job.owner), owners, turn],
+                  names.feed_owner_key(job.model, job.owner), feed.owners, feed.turn],
             args=[job.input_bytes, job.id, job.owner, job.created_at, *flat],
         ))
 

@@ -1,8 +1,9 @@
 """Request, response and task models: the single source for validation, for the answers the API
 builds and for the OpenAPI document.
 
-The wire formats are FastGPT's, Cohere/Jina's (v1 and v2), TEI's and vLLM's score API (see
-CONTRACT notes in README.md). Fields a client may send that we do not know are ignored, as the seed
+The wire formats are FastGPT's, Cohere/Jina's (v1 and v2), TEI's and vLLM's score API (docs/api.md
+and its page per format). Each request model resolves its options into the one ScoreOptions the
+API hands on, so every route, answered at once or as a job, scores alike. Fields a client may send that we do not know are ignored, as the seed
 server, Cohere and vLLM do. Answers are built from the response models below and serialized in
 their field order, which clients may rely on (FastGPT reads results[].index and relevance_score).
 """

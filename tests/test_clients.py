@@ -4,7 +4,7 @@ Where a client is a small library that installs cleanly it is called for real (t
 and v2). Where it is not (FastGPT is TypeScript; Dify, LangChain, LlamaIndex and litellm bring
 hundreds of packages), the test replays exactly what its source sends and reads: the request URL
 and body, and the parsing of the answer, copied from the file cited above each replay. Each test
-here is named in README.md's table of clients.
+here is named in docs/api.md's table of clients.
 """
 
 from __future__ import annotations

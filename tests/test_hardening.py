@@ -1,7 +1,7 @@
 """What the service survives, each as a number: load, faults, bad input, security.
 
 Run alone, with a summary table at the end:  ./test.sh -m hardening
-The figures are printed by tests/conftest.py (pytest_terminal_summary) and recorded in README.md.
+The figures are printed by tests/conftest.py (pytest_terminal_summary) and recorded in docs/operations.md.
 HARDENING_REQUESTS sets the load test's request count (default 10 000).
 """
 

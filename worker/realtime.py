@@ -23,6 +23,18 @@ FRESH_SECONDS = 0.5
 def score_call(ctx: WorkerContext, task: ScoreTask) -> ScoreReply | None:
     """Score one synchronous call; None when its caller has already given up. Any error is the
     reply's Failure (worker/scoring.py names it): the caller gets a clear answer, the worker lives on."""
+    try:
+        return _score(ctx, task)
+    except Expired:
+        return None
+    except Exception as exc:
+        failure = failure_of(exc)
+        if failure.kind == "scoring_failed":
+            log.exception("request %s failed", task.request_id)
+        return ScoreReply(failure=failure)
+
+
+def _score(ctx: WorkerContext, task: ScoreTask) -> ScoreReply | None:
     started = time.perf_counter()
     now = time.time()
     if task.deadline <= now:
@@ -32,18 +44,10 @@ def score_call(ctx: WorkerContext, task: ScoreTask) -> ScoreReply | None:
     sent_at = task.deadline - ctx.settings.sync_timeout
     if now - sent_at > FRESH_SECONDS and not ctx.pending.waiting(ctx.spec.name, task.call_id):
         return None
-    try:
-        encoded = encode(ctx, task.query, task.documents, task.options)
-        ctx.chars_per_token.record(encoded.characters, encoded.tokenized)
-        logits = ctx.engine.run(encoded, priority=REALTIME, deadline=task.deadline,
-                                timeout=max(task.deadline - time.time(), 0))
-    except Expired:
-        return None
-    except Exception as exc:
-        failure = failure_of(exc)
-        if failure.kind == "scoring_failed":
-            log.exception("request %s failed", task.request_id)
-        return ScoreReply(failure=failure)
+    encoded = encode(ctx, task.query, task.documents, task.options)
+    ctx.chars_per_token.record(encoded.characters, encoded.tokenized)
+    logits = ctx.engine.run(encoded, priority=REALTIME, deadline=task.deadline,
+                            timeout=max(task.deadline - time.time(), 0))
     scores = Engine.merge(encoded, logits)
     log.info("scored %d pairs (%d tokens) in %.1f ms", encoded.pairs, encoded.tokens,
              (time.perf_counter() - started) * 1000)

@@ -229,3 +229,127 @@ def test_an_instruction_the_heartbeats_refuse_is_422_before_anything_is_queued()
         taking, fake = app_with(workers={"tiny": flags})
         assert post(taking, "/v1/rerank", body).status_code == 200
         assert fake.calls[0][3].instruction == body["instruction"]
+
+
+# --- answers, errors and documents of every route (moved from tests/test_clients.py) --------------
+
+QUERY = "what is a panda?"
+DOCS = ["hi", "The giant panda is a bear species endemic to China.", "熊猫是中国特有的熊科动物",
+        "Redis is an in-memory data store used as a queue here.", ""]
+
+
+def test_answers_keep_their_field_order(client):
+    v1 = post(client, "/v1/rerank", {"query": QUERY, "documents": DOCS[:2], "return_documents": True}).get_json()
+    assert list(v1) == ["id", "model", "results", "meta", "usage"]
+    assert list(v1["results"][0]) == ["index", "relevance_score", "document"]
+    assert v1["usage"] == {"total_tokens": v1["meta"]["tokens"]["input_tokens"],
+                           "prompt_tokens": v1["meta"]["tokens"]["input_tokens"]}
+    v2 = post(client, "/v2/rerank", {"query": QUERY, "documents": DOCS[:2]}).get_json()
+    assert list(v2) == ["id", "results", "meta", "model", "usage"]
+    assert list(v2["results"][0]) == ["index", "relevance_score"]
+    assert v2["meta"] == {"api_version": {"version": "2"},
+                          "tokens": {"input_tokens": v2["usage"]["total_tokens"], "output_tokens": 0}}
+    score = post(client, "/score", {"text_1": QUERY, "text_2": DOCS[:2]}).get_json()
+    assert list(score) == ["id", "object", "created", "model", "data", "usage"]
+    assert list(score["data"][0]) == ["index", "object", "score"]
+
+
+def test_every_error_body_has_detail():
+    """The same body on every route and status, werkzeug's own 404/405/413 and TEI's route included."""
+    two, _ = app_with(settings(models="tiny=/nowhere,spare=/nowhere"), workers={"tiny": [worker()]})
+    big = json.dumps({"query": "q", "documents": ["x" * 300_000]}).encode()
+    json_headers = {**auth(), "Content-Type": "application/json"}
+    calls = {
+        "401 /v2/rerank": lambda: two.post("/v2/rerank", json={"query": "q", "documents": ["a"]}),
+        "401 /score": lambda: two.post("/score", json={"text_1": "q", "text_2": "a"}),
+        "401 /rerank": lambda: two.post("/rerank", json={"query": "q", "texts": ["a"]}),
+        "401 /v1/models/tiny": lambda: two.get("/v1/models/tiny"),
+        "404 unknown route": lambda: two.get("/nothing-here"),
+        "404 unknown model": lambda: two.get("/v1/models/gpt-4", headers=auth()),
+        "404 model not served": lambda: post(two, "/v2/rerank", {"model": "x", "query": "q", "documents": ["a"]}),
+        "405 wrong method": lambda: two.get("/v2/rerank", headers=auth()),
+        "405 wrong method (TEI)": lambda: two.get("/rerank", headers=auth()),
+        "413 body (werkzeug)": lambda: two.post("/v2/rerank", data=big, headers=json_headers),
+        "413 body (TEI)": lambda: two.post("/rerank", data=big, headers=json_headers),
+        "413 body (score)": lambda: two.post("/score", data=big, headers=json_headers),
+        "400 invalid JSON": lambda: two.post("/score", data=b"{x", headers=json_headers),
+        "422 TEI": lambda: post(two, "/rerank", {"query": "", "texts": ["a"]}),
+        "503 no worker (TEI)": lambda: post(two, "/rerank", {"model": "spare", "query": "q", "texts": ["a"]}),
+        "503 no worker": lambda: post(two, "/score", {"model": "spare", "text_1": "q", "text_2": "a"}),
+    }
+    for name, call in calls.items():
+        r = call()
+        assert str(r.status_code) == name.split()[0], (name, r.status_code, r.text[:200])
+        body = r.get_json()
+        assert body["detail"] == body["error"] and body["error"] and body["error_type"], (name, body)
+
+
+def test_rerank_refuses_both_bodies_or_neither(client):
+    """(The scores of either body: tests/test_clients.py.)"""
+    for ambiguous in ({"query": QUERY, "texts": DOCS, "documents": DOCS}, {"query": QUERY}, {"texts": None}):
+        r = post(client, "/rerank", ambiguous)
+        assert r.status_code == 422, r.text
+        assert "exactly one of `texts`" in r.get_json()["detail"]
+    # A Cohere body's own errors are the Cohere route's (here: our 413, not TEI's 422).
+    r = post(client, "/rerank", {"query": QUERY, "documents": ["d"] * 65})
+    assert (r.status_code, r.get_json()["error_type"]) == (413, "payload_too_large")
+
+
+def test_docs_page_works_offline(client):
+    import re
+    from html.parser import HTMLParser
+
+    class Assets(HTMLParser):
+        urls: list[str] = []
+
+        def handle_starttag(self, tag, attrs):
+            self.urls += [value for name, value in attrs if name in ("src", "href") and value]
+
+    page = client.get("/docs", follow_redirects=True)  # redirects to /docs/
+    assert page.status_code == 200 and "text/html" in page.headers["Content-Type"]
+    parser = Assets()
+    parser.urls = []
+    parser.feed(page.text)
+    assert any(u.endswith("swagger-ui-bundle.js") for u in parser.urls)
+    assert any(u.endswith("swagger-ui.css") for u in parser.urls)
+    for url in parser.urls:
+        assert not re.match(r"^(https?:)?//", url), f"{url} is not served by us"
+        asset = client.get(url)
+        assert asset.status_code == 200 and len(asset.data) > 100, url
+    assert not re.search(r"https?://(?!127\.0\.0\.1|localhost)", page.text.replace("http://www.w3.org", ""))
+    assert '"url": "/openapi.json"' in page.text and '"validatorUrl": null' in page.text
+
+
+def test_openapi_describes_every_answer_and_the_same_auth_as_the_app(client):
+    doc = client.get("/openapi.json").get_json()
+
+    def ref(path: str, method: str = "post", status: str = "200") -> dict:
+        return doc["paths"][path][method]["responses"][status]["content"]["application/json"]["schema"]
+
+    assert ref("/v2/rerank")["$ref"].rsplit("/", 1)[-1].startswith("RerankV2Response")
+    assert ref("/v1/rerank")["$ref"].rsplit("/", 1)[-1].startswith("RerankResponse")
+    assert ref("/score")["$ref"].rsplit("/", 1)[-1].startswith("ScoreResponse")
+    assert ref("/v1/score") == ref("/score")
+    assert len(ref("/rerank")["oneOf"]) == 2
+    body = doc["paths"]["/rerank"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert len(body["oneOf"]) == 2
+    assert ref("/v1/models/{model_id}", "get")["$ref"].rsplit("/", 1)[-1].startswith("ModelCard")
+    error = ref("/v2/rerank", status="422")["$ref"].rsplit("/", 1)[-1]
+    assert set(doc["components"]["schemas"][error]["required"]) == {"error", "error_type", "detail"}
+    # Whatever the document says needs the token does, and nothing else does.
+    for path, methods in doc["paths"].items():
+        for method, op in methods.items():
+            url = path.replace("{job_id}", "job_" + "0" * 32).replace("{model_id}", "tiny")
+            r = client.open(url, method=method.upper(), json={})
+            assert (r.status_code == 401) == bool(op.get("security")), (method, path, r.status_code)
+    assert {p for p, m in doc["paths"].items() if any(op.get("security") for op in m.values())} >= {
+        "/v1/rerank", "/v2/rerank", "/rerank", "/score", "/v1/score", "/v1/models", "/v1/models/{model_id}"}
+    request = doc["paths"]["/v1/rerank"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert "instruction" in doc["components"]["schemas"][request["$ref"].rsplit("/", 1)[-1]]["properties"]
+
+
+def test_request_ids_are_unique_per_call(client):
+    import uuid
+
+    ids = {post(client, "/v2/rerank", {"query": "q", "documents": ["a"]}).get_json()["id"] for _ in range(3)}
+    assert len(ids) == 3 and all(len(i) == len(uuid.uuid4().hex) for i in ids)

@@ -19,6 +19,14 @@ def client():
     return app_with()[0]
 
 
+@pytest.fixture(scope="module")
+def protected(client) -> list[tuple[str, str]]:
+    """(method, path) of every operation the OpenAPI document marks as needing the token."""
+    doc = client.get("/openapi.json").get_json()
+    return [(method.upper(), path.replace("{job_id}", "job_" + "0" * 32))
+            for path, methods in doc["paths"].items() for method, op in methods.items() if op.get("security")]
+
+
 def post(client, path, body=None, *, token=TOKENS[0], **kwargs):
     headers = kwargs.pop("headers", {})
     if token is not None:
@@ -39,10 +47,8 @@ def post(client, path, body=None, *, token=TOKENS[0], **kwargs):
      f"Bearer {TOKENS[0][:-1]}", f"Bearer {TOKENS[0]},{TOKENS[1]}", f"Bearer {TOKENS[0]}{TOKENS[1]}",
      f"Bearer{TOKENS[0]}"],
 )
-def test_bad_or_missing_token_is_401_on_every_protected_route(client, header):
-    doc = client.get("/openapi.json").get_json()
-    operations = [(method.upper(), path.replace("{job_id}", "job_" + "0" * 32))
-                  for path, methods in doc["paths"].items() for method, op in methods.items() if op.get("security")]
+def test_bad_or_missing_token_is_401_on_every_protected_route(client, protected, header):
+    operations = protected
     assert len(operations) >= 7
     headers = {} if header is None else {"Authorization": header}
     for method, path in operations:

@@ -8,6 +8,7 @@ number enters the set once, and only that first entry counts.
 from __future__ import annotations
 
 import hashlib
+import json
 import secrets
 import time
 from dataclasses import dataclass
@@ -113,6 +114,8 @@ return status
 _INTS = ("items_total", "pairs_total", "pieces_total", "items_done", "pairs_done", "pieces_done", "errors",
          "pieces_failed", "pieces_fed", "input_bytes")
 _FLOATS = ("created_at", "started_at", "finished_at")
+#: Options a job's hash held as fields of their own before its ScoreOptions held them all.
+_LEGACY_OPTIONS = ("return_documents", "raw_scores", "return_chunks")
 
 
 def new_job_id() -> str:
@@ -154,6 +157,9 @@ class Job:
             data[key] = int(data.get(key, 0))
         for key in _FLOATS:
             data[key] = float(data[key]) if data.get(key) else None
+        legacy = {key: data.pop(key) == "1" for key in _LEGACY_OPTIONS if key in data}
+        if legacy:  # stored before these moved into `options` (a job queued across an upgrade)
+            data["options"] = json.dumps({**json.loads(data.get("options") or "{}"), **legacy})
         return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
 
     @property

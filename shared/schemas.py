@@ -548,6 +548,20 @@ class ScoreReply(BaseModel):
     scored: Scored | None = None
     failure: Failure | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _flat(cls, data: Any) -> Any:
+        """The flat reply of a worker older than this API (`logits`…, or `error` and `status`),
+        read during a rolling upgrade: upgrade the API before the workers."""
+        if not isinstance(data, dict) or "scored" in data or "failure" in data:
+            return data
+        if data.get("error") is not None:
+            kinds = {413: "input_too_long", 503: "engine_lost"}
+            return {"failure": {"kind": kinds.get(data.get("status"), "scoring_failed"), "message": data["error"]}}
+        if data.get("logits") is not None:
+            return {"scored": {k: data[k] for k in ("logits", "input_tokens", "chunks", "truncated") if k in data}}
+        return data
+
 
 class PieceTask(BaseModel):
     """What a bulk piece asks a worker: score the items of this stored input piece."""

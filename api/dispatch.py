@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from dataclasses import dataclass
 from datetime import datetime, timezone
 
 import redis
@@ -22,7 +21,7 @@ from api.errors import ApiError
 from shared import names, redis_client, redis_state
 from shared.celery_config import make_celery
 from shared.pending import PendingWork
-from shared.schemas import ScoreOptions, ScoreReply, ScoreTask
+from shared.schemas import Failure, ScoreOptions, Scored, ScoreReply, ScoreTask
 from shared.settings import ModelSpec, Settings
 from shared.workers import WorkerRegistry
 
@@ -30,14 +29,6 @@ log = logging.getLogger(__name__)
 
 #: How often a waiting call checks that some worker is still alive for its model.
 LIVENESS_CHECK_SECONDS = 1.0
-
-
-@dataclass
-class Scored:
-    logits: list[float]
-    input_tokens: int
-    chunks: list[int] | None = None
-    truncated: list[bool] | None = None
 
 
 def redis_error(exc: BaseException) -> ApiError:
@@ -80,6 +71,7 @@ class Dispatcher:
     def _score(self, model: ModelSpec, query: str, documents: list[str], request_id: str,
                options: ScoreOptions) -> Scored:
         workers = self._require_worker(model)
+        check_instruction(model, options, workers)
         now = time.time()
         deadline = now + self.settings.sync_timeout
         call_id = f"{request_id}.{uuid.uuid4().hex[:12]}"  # the worker's log lines carry the request id
@@ -136,7 +128,22 @@ class Dispatcher:
 
     @staticmethod
     def _unpack(reply: ScoreReply) -> Scored:
-        if reply.error is not None or reply.logits is None:
-            raise ApiError(reply.status or 500, reply.error or "worker returned no scores")
-        return Scored(logits=reply.logits, input_tokens=reply.input_tokens, chunks=reply.chunks,
-                      truncated=reply.truncated)
+        if reply.failure is not None:
+            raise ApiError.of_failure(reply.failure)
+        if reply.scored is None:
+            raise ApiError(500, "worker returned no scores")
+        return reply.scored
+
+
+def check_instruction(model: ModelSpec, options: ScoreOptions, workers: list[dict]) -> None:
+    """Refuse an instruction at once (422) when the live workers' heartbeats say the model's
+    family takes none; workers that do not say (an older heartbeat) leave it to the worker,
+    which refuses it the same way (worker/scoring.py)."""
+    if options.instruction is None or not workers:
+        return
+    if all(w.get("instruction") is False for w in workers):
+        raise ApiError.of_failure(Failure(kind="instruction_not_accepted", message=instruction_refused(model.name)))
+
+
+def instruction_refused(model: str) -> str:
+    return f"model {model!r} takes no instruction (only LLM rerankers such as Qwen3-Reranker do); leave it out"

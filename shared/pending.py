@@ -73,4 +73,4 @@ class PendingWork:
 
     def waiting(self, model: str, call_id: str) -> bool:
         """Whether the call's caller still waits (a worker asks before scoring it)."""
-        return bool(self._redis.hexists(names.pending_keys(model)[1], call_id))
+        return bool(self._redis.hexists(names.pending_keys(model).costs, call_id))

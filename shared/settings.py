@@ -2,7 +2,7 @@
 
 The API, the workers and the launcher all read the same variables, so a model name, a queue name
 or a limit can never mean one thing on one side and another on the other. Every variable is
-documented in README.md; names follow FastGPT's seed server where it has one (`ACCESS_TOKEN`).
+documented in docs/configuration.md (tests/test_docs.py keeps the two in step); names follow FastGPT's seed server where it has one (`ACCESS_TOKEN`).
 """
 
 from __future__ import annotations

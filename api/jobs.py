@@ -31,7 +31,7 @@ from celery import Celery
 from api import job_results
 from api.errors import ApiError
 from api.job_inputs import Entry, Truncated
-from shared import names
+from shared import names, tracing
 from shared.feed import Feeder
 from shared.jobs import Job, JobStore, Refusal, new_job_id, owner_of
 from shared.schemas import JobItem, JobOptions, RerankRequest
@@ -202,7 +202,7 @@ class JobService:
                   pairs_total=cutter.pairs, pieces_total=cutter.pieces, created_at=created,
                   input_bytes=cutter.bytes_stored, return_documents=options.return_documents,
                   raw_scores=options.raw_scores, return_chunks=options.return_chunks,
-                  options=options.score_options().model_dump_json())
+                  options=options.score_options().model_dump_json(), traceparent=tracing.traceparent())
         if not self.store.accept(job):
             raise ApiError(503, "the job's upload state was lost (Redis restarted, or the upload stalled "
                            "too long); send it again", error_type="unavailable")

@@ -150,6 +150,7 @@ class Job:
     raw_scores: bool = False
     return_chunks: bool = False
     options: str = "{}"  # ScoreOptions as JSON: how long documents are handled
+    traceparent: str = ""  # W3C traceparent of the creating call (its pieces' spans link to it), or ''
 
     @classmethod
     def from_redis(cls, raw: dict[bytes, bytes]) -> Job:
@@ -224,7 +225,7 @@ class JobStore:
             "pieces_total": job.pieces_total, "items_done": 0, "pairs_done": 0, "pieces_done": 0,
             "pieces_failed": 0, "pieces_fed": 0, "errors": 0, "input_bytes": job.input_bytes,
             "return_documents": int(job.return_documents), "raw_scores": int(job.raw_scores),
-            "return_chunks": int(job.return_chunks), "options": job.options,
+            "return_chunks": int(job.return_chunks), "options": job.options, "traceparent": job.traceparent,
         }
         flat = [str(v) for pair in fields.items() for v in pair]
         _, owners, turn, _ = names.feed_keys(job.model)

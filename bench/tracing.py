@@ -1,0 +1,153 @@
+"""What tracing costs: the real stack with tracing off and on, side by side in one run.
+
+Two stacks on one Redis, each a gunicorn API and a worker with its engine process serving the
+same tiny random model: one with no OTLP endpoint (tracing off), one exporting every call
+(`OTEL_TRACES_SAMPLER=always_on`) to an OTLP/HTTP receiver in this process (tests/otlp.py). The
+same calls go to both in alternating rounds, one at a time (latency) and from 8 threads
+(throughput); the ratios are on/off. A tiny model keeps the forward pass short, so the service's
+own per-call work, where tracing adds its spans, weighs as much as it can. Also timed: what a span
+helper costs while tracing is off (shared/tracing.py gives a shared do-nothing object).
+
+    python -m bench.tracing                 # about 2 minutes on 2 cores
+    python -m bench.tracing --rounds 2      # quicker, noisier
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+from pathlib import Path
+
+import requests
+
+from rerank.random_model import build_model, sentence
+from tests.otlp import Receiver
+from tests.procs import base_env, start_api, start_redis, start_worker
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def calls(n: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    return [{"query": sentence(rng, 8), "documents": [sentence(rng, 30) for _ in range(8)]} for _ in range(n)]
+
+
+def sequential(url: str, bodies: list[dict]) -> list[float]:
+    """Latency of each call, sent one after the other (ms)."""
+    out = []
+    with requests.Session() as session:
+        for body in bodies:
+            started = time.perf_counter()
+            r = session.post(url + "/v1/rerank", json=body, timeout=30)
+            out.append((time.perf_counter() - started) * 1000)
+            r.raise_for_status()
+    return out
+
+
+def concurrent(url: str, bodies: list[dict], threads: int = 8) -> float:
+    """Calls per second with `threads` clients at once."""
+    def one(chunk: list[dict]) -> None:
+        with requests.Session() as session:
+            for body in chunk:
+                session.post(url + "/v1/rerank", json=body, timeout=30).raise_for_status()
+
+    chunks = [bodies[i::threads] for i in range(threads)]
+    started = time.perf_counter()
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(one, chunks))
+    return len(bodies) / (time.perf_counter() - started)
+
+
+def off_helper_ns(repeat: int = 200_000) -> float:
+    """Nanoseconds per `with tracing.span(...)` + attribute call while tracing is off."""
+    code = ("import time; from shared import tracing; assert not tracing.setup('bench'); t = time.perf_counter(); "
+            f"exec('for _ in range({repeat}):\\n with tracing.span(\"x\", None) as s: s.set_attribute(\"a\", 1)'); "
+            f"print((time.perf_counter() - t) / {repeat} * 1e9)")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env,
+                         cwd=Path(__file__).resolve().parent.parent)
+    return float(out.stdout.strip())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=4, help="alternating rounds per stack")
+    parser.add_argument("--calls", type=int, default=60, help="calls per round and mode")
+    parser.add_argument("--out", default=None, help="JSON file (default bench/results/tracing-<date>.json)")
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="bench-tracing-"))
+    procs = []
+    # The receiver outlives the processes: what they still hold is sent as they stop.
+    with Receiver() as otlp:
+        try:
+            model = build_model(work / "tiny", "tiny")
+            redis_proc, redis_url = start_redis(work)
+            procs.append(redis_proc)
+            common = dict(REDIS_URL=redis_url, SYNC_TIMEOUT="10", HEARTBEAT_INTERVAL="0.5",
+                          WORKER_CONCURRENCY="8", TORCH_THREADS="1", LOG_LEVEL="WARNING", DATA_DIR=str(work / "data"))
+            stacks = {}
+            for name, extra in (("off", {}), ("on", {"OTEL_EXPORTER_OTLP_ENDPOINT": otlp.endpoint,
+                                                      "OTEL_TRACES_SAMPLER": "always_on"})):
+                env = {k: v for k, v in base_env(**common).items() if not k.startswith("OTEL_")}
+                env.update(MODELS=f"{name}={model}", **extra)
+                procs.append(start_worker(f"worker-{name}", env, work, name))
+                api, url = start_api(f"api-{name}", env, work)
+                procs.append(api)
+                stacks[name] = url
+                sequential(url, calls(20, 99))  # warm: connections, caches, the first batches
+            latency = {name: [] for name in stacks}
+            rate = {name: [] for name in stacks}
+            for turn in range(args.rounds):
+                order = list(stacks) if turn % 2 == 0 else list(reversed(stacks))
+                for name in order:
+                    latency[name] += sequential(stacks[name], calls(args.calls, turn))
+                for name in order:
+                    rate[name].append(concurrent(stacks[name], calls(args.calls * 2, 1000 + turn)))
+        finally:
+            for proc in reversed(procs):
+                proc.stop()
+            shutil.rmtree(work, ignore_errors=True)
+        spans = len(otlp.spans)
+
+    p50 = {name: statistics.median(values) for name, values in latency.items()}
+    p90 = {name: statistics.quantiles(values, n=10)[-1] for name, values in latency.items()}
+    rps = {name: statistics.median(values) for name, values in rate.items()}
+    helper = off_helper_ns()
+    traced_calls = 20 + args.rounds * args.calls * 3  # warm-up, sequential, concurrent
+    figures = {
+        "latency_p50_ms": {k: round(v, 2) for k, v in p50.items()},
+        "latency_p90_ms": {k: round(v, 2) for k, v in p90.items()},
+        "throughput_calls_per_s_8_threads": {k: round(v, 1) for k, v in rps.items()},
+        "p50_on_over_off": round(p50["on"] / p50["off"], 3),
+        "throughput_on_over_off": round(rps["on"] / rps["off"], 3),
+        "spans_received_per_traced_call": round(spans / traced_calls, 1),
+        "off_span_helper_ns": round(helper, 1),
+        # About ten helper calls per realtime call while off (API and worker together).
+        "off_helpers_share_of_p50": f"{10 * helper / (p50['off'] * 1e6):.1e}",
+    }
+    record = {"when": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": {
+        "cpus": os.cpu_count(), "python": platform.python_version(), "load": os.getloadavg()},
+        "setup": f"tiny random model, 8 documents of ~30 words per call, {args.rounds} alternating rounds of "
+                 f"{args.calls} sequential and {args.calls * 2} concurrent calls per stack; CPU",
+        "figures": figures}
+    print(json.dumps(record, indent=2))
+    out = Path(args.out) if args.out else RESULTS / f"tracing-{datetime.now(timezone.utc):%Y-%m-%d}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"written to {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -2,7 +2,7 @@
 
 Two stacks on one Redis, each a gunicorn API and a worker with its engine process serving the
 same tiny random model: one with no OTLP endpoint (tracing off), one exporting every call
-(`OTEL_TRACES_SAMPLER=always_on`) to an OTLP/HTTP receiver in this process (tests/otlp.py). The
+(`OTEL_TRACES_SAMPLER=always_on`) to an OTLP/HTTP receiver in a process of its own (tests/otlp.py). The
 same calls go to both in alternating rounds, one at a time (latency) and from 8 threads
 (throughput); the ratios are on/off. A tiny model keeps the forward pass short, so the service's
 own per-call work, where tracing adds its spans, weighs as much as it can. Also timed: what a span
@@ -32,10 +32,10 @@ from pathlib import Path
 import requests
 
 from rerank.random_model import build_model, sentence
-from tests.otlp import Receiver
 from tests.procs import base_env, start_api, start_redis, start_worker
 
-RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
 
 
 def calls(n: int, seed: int) -> list[dict]:
@@ -89,37 +89,40 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="bench-tracing-"))
     procs = []
-    # The receiver outlives the processes: what they still hold is sent as they stop.
-    with Receiver() as otlp:
-        try:
-            model = build_model(work / "tiny", "tiny")
-            redis_proc, redis_url = start_redis(work)
-            procs.append(redis_proc)
-            common = dict(REDIS_URL=redis_url, SYNC_TIMEOUT="10", HEARTBEAT_INTERVAL="0.5",
-                          WORKER_CONCURRENCY="8", TORCH_THREADS="1", LOG_LEVEL="WARNING", DATA_DIR=str(work / "data"))
-            stacks = {}
-            for name, extra in (("off", {}), ("on", {"OTEL_EXPORTER_OTLP_ENDPOINT": otlp.endpoint,
-                                                      "OTEL_TRACES_SAMPLER": "always_on"})):
-                env = {k: v for k, v in base_env(**common).items() if not k.startswith("OTEL_")}
-                env.update(MODELS=f"{name}={model}", **extra)
-                procs.append(start_worker(f"worker-{name}", env, work, name))
-                api, url = start_api(f"api-{name}", env, work)
-                procs.append(api)
-                stacks[name] = url
-                sequential(url, calls(20, 99))  # warm: connections, caches, the first batches
-            latency = {name: [] for name in stacks}
-            rate = {name: [] for name in stacks}
-            for turn in range(args.rounds):
-                order = list(stacks) if turn % 2 == 0 else list(reversed(stacks))
-                for name in order:
-                    latency[name] += sequential(stacks[name], calls(args.calls, turn))
-                for name in order:
-                    rate[name].append(concurrent(stacks[name], calls(args.calls * 2, 1000 + turn)))
-        finally:
-            for proc in reversed(procs):
-                proc.stop()
-            shutil.rmtree(work, ignore_errors=True)
-        spans = len(otlp.spans)
+    # The receiver runs in a process of its own (decoding spans must not slow this one, the
+    # client) and outlives the stacks: what they still hold is sent as they stop.
+    receiver = subprocess.Popen([sys.executable, "-m", "tests.otlp"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                text=True, cwd=ROOT)
+    endpoint = receiver.stdout.readline().strip()
+    try:
+        model = build_model(work / "tiny", "tiny")
+        redis_proc, redis_url = start_redis(work)
+        procs.append(redis_proc)
+        common = dict(REDIS_URL=redis_url, SYNC_TIMEOUT="10", HEARTBEAT_INTERVAL="0.5",
+                      WORKER_CONCURRENCY="8", TORCH_THREADS="1", LOG_LEVEL="WARNING", DATA_DIR=str(work / "data"))
+        stacks = {}
+        for name, extra in (("off", {}), ("on", {"OTEL_EXPORTER_OTLP_ENDPOINT": endpoint,
+                                                  "OTEL_TRACES_SAMPLER": "always_on"})):
+            env = {k: v for k, v in base_env(**common).items() if not k.startswith("OTEL_")}
+            env.update(MODELS=f"{name}={model}", **extra)
+            procs.append(start_worker(f"worker-{name}", env, work, name))
+            api, url = start_api(f"api-{name}", env, work)
+            procs.append(api)
+            stacks[name] = url
+            sequential(url, calls(20, 99))  # warm: connections, caches, the first batches
+        latency = {name: [] for name in stacks}
+        rate = {name: [] for name in stacks}
+        for turn in range(args.rounds):
+            order = list(stacks) if turn % 2 == 0 else list(reversed(stacks))
+            for name in order:
+                latency[name] += sequential(stacks[name], calls(args.calls, turn))
+            for name in order:
+                rate[name].append(concurrent(stacks[name], calls(args.calls * 2, 1000 + turn)))
+    finally:
+        for proc in reversed(procs):
+            proc.stop()
+        shutil.rmtree(work, ignore_errors=True)
+        spans = int(receiver.communicate("", timeout=30)[0].strip() or 0)
 
     p50 = {name: statistics.median(values) for name, values in latency.items()}
     p90 = {name: statistics.quantiles(values, n=10)[-1] for name, values in latency.items()}

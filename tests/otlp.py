@@ -41,13 +41,19 @@ class Span:
 
 
 class Receiver:
-    """`with Receiver() as otlp:`; `otlp.endpoint` for OTEL_EXPORTER_OTLP_ENDPOINT; `otlp.spans`."""
+    """`with Receiver() as otlp:`; `otlp.endpoint` for OTEL_EXPORTER_OTLP_ENDPOINT; `otlp.spans`.
+    `Receiver("grpc")`: the same over OTLP/gRPC (opentelemetry-proto's TraceService)."""
 
-    def __init__(self) -> None:
+    def __init__(self, protocol: str = "http/protobuf") -> None:
         self.spans: list[Span] = []
         self.requests = 0
         self._lock = threading.Lock()
+        self.protocol = protocol
+        self._grpc = None
         receiver = self
+        if protocol == "grpc":
+            self._grpc, self._port = self._grpc_server()
+            return
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:  # noqa: N802 - http.server's name
@@ -75,9 +81,27 @@ class Receiver:
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._thread = threading.Thread(target=self._server.serve_forever, name="otlp-receiver", daemon=True)
 
+    def _grpc_server(self):
+        from concurrent.futures import ThreadPoolExecutor
+
+        import grpc
+        from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
+
+        receiver = self
+
+        class Service(trace_service_pb2_grpc.TraceServiceServicer):
+            def Export(self, request, context):  # noqa: N802 - the service's name
+                receiver._take(request)
+                return ExportTraceServiceResponse()
+
+        server = grpc.server(ThreadPoolExecutor(2))
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Service(), server)
+        return server, server.add_insecure_port("127.0.0.1:0")
+
     @property
     def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
+        port = self._port if self._grpc is not None else self._server.server_address[1]
+        return f"http://127.0.0.1:{port}"
 
     def _take(self, request: ExportTraceServiceRequest) -> None:
         spans = []
@@ -114,10 +138,25 @@ class Receiver:
             time.sleep(0.05)
 
     def __enter__(self) -> Receiver:
-        self._thread.start()
+        if self._grpc is not None:
+            self._grpc.start()
+        else:
+            self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
+        if self._grpc is not None:
+            self._grpc.stop(1).wait(5)
+            return
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(5)
+
+
+if __name__ == "__main__":  # python -m tests.otlp: a receiver in a process of its own (bench/tracing.py)
+    import sys
+
+    with Receiver() as receiver:
+        print(receiver.endpoint, flush=True)
+        sys.stdin.read()  # until the caller closes it
+        print(len(receiver.spans), flush=True)

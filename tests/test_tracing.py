@@ -70,7 +70,7 @@ def test_a_call_is_one_trace_from_the_api_through_the_queue_to_the_engine(traced
                                          if s.attributes.get("rerank.request_id") == rid])
     expected = {"POST /v1/rerank", "rerank.auth", "rerank.validate", "rerank.admission",
                 "apply_async/rerank.realtime", "rerank.wait", "run/rerank.realtime", "rerank.tokenize",
-                "engine.queue", "engine.forward", "rerank.reply"}
+                "engine.queue", "engine.forward", "rerank.reply", "rerank.answer"}
     spans = otlp.wait_for(lambda o: expected <= set(by_name(o.trace(server.trace_id))) and o.trace(server.trace_id))
     named = by_name(spans)
     assert expected <= set(named), sorted(set(named))
@@ -79,7 +79,8 @@ def test_a_call_is_one_trace_from_the_api_through_the_queue_to_the_engine(traced
     # Both processes took part, under one trace id; each span hangs where it happened.
     assert {s.service for s in spans} == {"rerank-api", "rerank-worker"}
     assert server.kind == SERVER and server.parent_id == ""
-    for name in ("rerank.auth", "rerank.validate", "rerank.admission", "apply_async/rerank.realtime", "rerank.wait"):
+    for name in ("rerank.auth", "rerank.validate", "rerank.admission", "apply_async/rerank.realtime", "rerank.wait",
+                 "rerank.answer"):
         assert one[name].service == "rerank-api" and one[name].parent_id == server.span_id, name
     publish, run = one["apply_async/rerank.realtime"], one["run/rerank.realtime"]
     assert publish.kind == PRODUCER and publish.attributes["messaging.message.id"].startswith(rid)
@@ -103,6 +104,7 @@ def test_a_call_is_one_trace_from_the_api_through_the_queue_to_the_engine(traced
     assert forward.end_ns <= one["rerank.reply"].start_ns <= run.end_ns
     # (the task's span may end after the API answered: Celery acknowledges the message after the reply)
     assert server.start_ns <= publish.start_ns < run.start_ns and one["rerank.reply"].end_ns <= server.end_ns
+    assert one["rerank.wait"].end_ns <= one["rerank.answer"].start_ns
 
     # The trace id is in both processes' log lines, beside the request id.
     lines = [line for name in ("api-traced", "worker-traced")

@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Iterator
 
+import numpy as np
 import pytest
 import requests
 
@@ -58,6 +59,29 @@ def by_name(spans) -> dict:
     for span in spans:
         found.setdefault(span.name, []).append(span)
     return found
+
+
+@pytest.mark.parametrize("process", [False, True], ids=["in-process", "engine-process"])
+def test_the_engine_reports_when_a_timed_request_ran(model_dir, process):
+    """What the worker builds its engine spans from: asked for, the times and sizes of the batches
+    a request rode in (over the engine process's pipe too); not asked for, nothing."""
+    from engine import Engine, EngineConfig
+
+    scorer = Engine.start(EngineConfig(source=str(model_dir), device="cpu", torch_threads=1, max_batch_tokens=256),
+                          process=process)
+    try:
+        encoded = scorer.encoder.encode("a query", [f"document number {i} " * 3 for i in range(40)])
+        plain = scorer.submit(encoded)
+        submitted = time.time()
+        timed = scorer.submit(encoded, timed=True)
+        logits = timed.wait(30)
+        assert np.allclose(plain.wait(30), logits, atol=1e-4) and plain.timings is None
+        t = timed.timings
+        assert submitted <= t.started < t.finished <= time.time()
+        assert t.batches >= 2  # 40 pairs do not fit one batch of 256 padded tokens
+        assert t.real_tokens >= encoded.tokens and t.padded_tokens >= t.real_tokens and t.rows >= encoded.pairs
+    finally:
+        scorer.stop()
 
 
 def test_a_call_is_one_trace_from_the_api_through_the_queue_to_the_engine(traced, otlp, log_dir):

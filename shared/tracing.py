@@ -69,6 +69,15 @@ def enabled() -> bool:
     return _on
 
 
+def recording() -> bool:
+    """Whether the current span records (tracing on and this call sampled): worth timing for."""
+    if not _on:
+        return False
+    from opentelemetry import trace
+
+    return trace.get_current_span().is_recording()
+
+
 def setup(service: str, *, celery: bool = False) -> bool:
     """Start tracing in this process if the environment asks for it; True when it is on.
 

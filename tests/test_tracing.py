@@ -139,7 +139,13 @@ def test_a_call_is_one_trace_from_the_api_through_the_queue_to_the_engine(traced
 
 
 def test_an_incoming_traceparent_is_honoured(traced, otlp):
+    """Its trace is continued, and its sampling decision followed (the default parent-based sampler):
+    a call whose client did not sample it records nothing, in the API or the worker."""
     url, _ = traced
+    unsampled = "5bf92f3577b34da6a3ce929d0e0e4736"
+    r = post(url, "/v2/rerank", {"model": "traced", "query": "q", "documents": ["a", "b"]},
+             traceparent=f"00-{unsampled}-00f067aa0ba902b7-00")
+    assert r.status_code == 200, r.text
     trace_id, parent = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
     r = post(url, "/v2/rerank", {"model": "traced", "query": "q", "documents": ["a", "b"]},
              traceparent=f"00-{trace_id}-{parent}-01")
@@ -149,6 +155,8 @@ def test_an_incoming_traceparent_is_honoured(traced, otlp):
     (server,) = by_name(spans)["POST /v2/rerank"]
     assert server.parent_id == parent
     assert {s.service for s in spans} == {"rerank-api", "rerank-worker"}
+    time.sleep(0.5)  # the later call's spans are in: the earlier one's would be too
+    assert otlp.trace(unsampled) == []
 
 
 def test_each_bulk_piece_is_a_span_linked_to_the_call_that_created_its_job(traced, otlp):

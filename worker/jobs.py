@@ -66,7 +66,7 @@ def _run_piece(ctx: WorkerContext, task: PieceTask) -> str:
             span.set_attributes({"rerank.pairs": whole.pairs, "rerank.tokens": whole.tokens})
         ctx.chars_per_token.record(whole.characters, whole.tokenized)
         submitted = time.time()
-        handle = ctx.engine.submit(whole, priority=BULK, tag=task.job_id, timed=tracing.enabled())
+        handle = ctx.engine.submit(whole, priority=BULK, tag=task.job_id, timed=tracing.recording())
         try:
             while not handle.done.wait(CANCEL_POLL_SECONDS):
                 if store.is_cancelled(task.job_id):

@@ -18,11 +18,10 @@ from celery import signals
 
 from engine import Engine, EngineConfig
 from engine.process import EngineFailed
-from shared import names
+from shared import names, tracing
 from shared.celery_config import make_celery
 from shared.feed import Feeder
 from shared.jobs import JobStore
-from shared import tracing
 from shared.logs import configure_logging
 from shared.pending import PendingWork
 from shared.settings import ModelSpec, Settings, get_settings

@@ -53,7 +53,7 @@ def _run_piece(ctx: WorkerContext, task: PieceTask) -> str:
     if store.piece_done(task.job_id, task.piece):
         return "skipped-duplicate"  # counted already
     store.mark_started(task.job_id)
-    tracing.link_to(job.traceparent, **{"rerank.link": "job created"})  # the call that created the job
+    tracing.link_to(job.traceparent)  # the call that created the job
 
     items = list(storage.read_lines(storage.input_path(task.job_id, task.piece)))
     pairs = sum(len(item["documents"]) for item in items)

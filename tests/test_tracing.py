@@ -20,7 +20,6 @@ import requests
 from tests.otlp import Receiver
 from tests.procs import ROOT, base_env, start_api, start_worker, wait_for
 
-pytestmark = pytest.mark.stack
 
 SERVER, PRODUCER, CONSUMER = 2, 4, 5  # opentelemetry-proto's Span.SpanKind values
 
@@ -61,6 +60,21 @@ def by_name(spans) -> dict:
     return found
 
 
+@pytest.mark.parametrize(("environ", "on"), [
+    ({}, False),
+    ({"OTEL_SERVICE_NAME": "x", "OTEL_TRACES_SAMPLER": "always_on"}, False),  # no endpoint: off
+    ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318"}, True),
+    ({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://c:4318/v1/traces"}, True),
+    ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318", "OTEL_SDK_DISABLED": "True"}, False),
+    ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318", "OTEL_TRACES_EXPORTER": "none"}, False),
+    ({"OTEL_EXPORTER_OTLP_ENDPOINT": ""}, False),  # Compose's ${VAR:-} when unset
+])
+def test_tracing_is_on_only_when_an_endpoint_is_given(environ, on):
+    from shared.tracing import wanted
+
+    assert wanted(environ) is on
+
+
 @pytest.mark.parametrize("process", [False, True], ids=["in-process", "engine-process"])
 def test_the_engine_reports_when_a_timed_request_ran(model_dir, process):
     """What the worker builds its engine spans from: asked for, the times and sizes of the batches
@@ -84,6 +98,7 @@ def test_the_engine_reports_when_a_timed_request_ran(model_dir, process):
         scorer.stop()
 
 
+@pytest.mark.stack
 def test_a_call_is_one_trace_from_the_api_through_the_queue_to_the_engine(traced, otlp, log_dir):
     url, _ = traced
     r = post(url, "/v1/rerank", {"model": "traced", "query": "where is the queue",
@@ -138,6 +153,7 @@ def test_a_call_is_one_trace_from_the_api_through_the_queue_to_the_engine(traced
     assert r.headers["traceresponse"].startswith(f"00-{server.trace_id}-")
 
 
+@pytest.mark.stack
 def test_an_incoming_traceparent_is_honoured(traced, otlp):
     """Its trace is continued, and its sampling decision followed (the default parent-based sampler):
     a call whose client did not sample it records nothing, in the API or the worker."""
@@ -159,6 +175,7 @@ def test_an_incoming_traceparent_is_honoured(traced, otlp):
     assert otlp.trace(unsampled) == []
 
 
+@pytest.mark.stack
 def test_each_bulk_piece_is_a_span_linked_to_the_call_that_created_its_job(traced, otlp):
     url, env = traced
     lines = [json.dumps({"id": i, "query": f"query {i}", "documents": [f"doc {i} {j}" for j in range(4)]})
@@ -182,6 +199,7 @@ def test_each_bulk_piece_is_a_span_linked_to_the_call_that_created_its_job(trace
         assert {"rerank.tokenize", "engine.queue", "engine.forward"} <= set(inside), sorted(inside)
 
 
+@pytest.mark.stack
 def test_otlp_over_grpc_from_the_gevent_api(traced, otlp, log_dir):
     """OTEL_EXPORTER_OTLP_PROTOCOL=grpc: the API (gunicorn's gevent workers) exports over gRPC;
     its spans and the worker's (over HTTP) are still one trace."""
@@ -205,6 +223,7 @@ def test_otlp_over_grpc_from_the_gevent_api(traced, otlp, log_dir):
             api.stop()
 
 
+@pytest.mark.stack
 def test_with_tracing_off_nothing_is_sent(stack_env, model_dir, log_dir, otlp):
     """OTEL_SDK_DISABLED beside an endpoint: calls and a job are served, the receiver hears nothing;
     and without an endpoint neither side loads the SDK's tracing, an exporter or an instrumentation

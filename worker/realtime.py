@@ -5,12 +5,12 @@ from __future__ import annotations
 import logging
 import time
 
-from engine import REALTIME, DocumentPolicy, Engine, InputTooLong
+from engine import REALTIME, Engine
 from engine.batcher import Expired
-from engine.process import EngineFailed
 from shared import names, tracing
-from shared.schemas import ScoreOptions, ScoreReply, ScoreTask
+from shared.schemas import ScoreReply, ScoreTask
 from worker.context import WorkerContext
+from worker.scoring import encode, failure_of, scored
 
 log = logging.getLogger(__name__)
 
@@ -20,16 +20,21 @@ REPLY_TTL_SECONDS = 60
 FRESH_SECONDS = 0.5
 
 
-def policy_of(options: ScoreOptions, max_chunks: int) -> DocumentPolicy:
-    """The engine's document policy for a task's ScoreOptions (the wire format, shared/schemas.py);
-    windows per document are capped by MAX_CHUNKS."""
-    return DocumentPolicy(direction=options.direction, max_doc_tokens=options.max_doc_tokens,
-                          chunk_overlap=options.chunk_overlap,
-                          max_chunks=min(options.max_chunks or max_chunks, max_chunks), truncate=options.truncate)
-
-
 def score_call(ctx: WorkerContext, task: ScoreTask) -> ScoreReply | None:
-    """Score one synchronous call; None when its caller has already given up."""
+    """Score one synchronous call; None when its caller has already given up. Any error is the
+    reply's Failure (worker/scoring.py names it): the caller gets a clear answer, the worker lives on."""
+    try:
+        return _score(ctx, task)
+    except Expired:
+        return None
+    except Exception as exc:
+        failure = failure_of(exc)
+        if failure.kind == "scoring_failed":
+            log.exception("request %s failed", task.request_id)
+        return ScoreReply(failure=failure)
+
+
+def _score(ctx: WorkerContext, task: ScoreTask) -> ScoreReply | None:
     started = time.perf_counter()
     now = time.time()
     if task.deadline <= now:
@@ -39,40 +44,27 @@ def score_call(ctx: WorkerContext, task: ScoreTask) -> ScoreReply | None:
     sent_at = task.deadline - ctx.settings.sync_timeout
     if now - sent_at > FRESH_SECONDS and not ctx.pending.waiting(ctx.spec.name, task.call_id):
         return None
-    try:
-        with tracing.span("rerank.tokenize", {"rerank.documents": len(task.documents)}) as span:
-            encoded = ctx.engine.encoder.encode(task.query, task.documents,
-                                                policy_of(task.options, ctx.settings.max_chunks))
-            span.set_attributes({"rerank.pairs": encoded.pairs, "rerank.tokens": encoded.tokens})
-    except InputTooLong as exc:
-        return ScoreReply(error=str(exc), status=413)
+    with tracing.span("rerank.tokenize", {"rerank.documents": len(task.documents)}) as span:
+        encoded = encode(ctx, task.query, task.documents, task.options)
+        span.set_attributes({"rerank.pairs": encoded.pairs, "rerank.tokens": encoded.tokens})
     ctx.chars_per_token.record(encoded.characters, encoded.tokenized)
     timed = tracing.recording()  # the engine times nothing for a call that is not traced
     submitted = time.time()
+    handle = ctx.engine.submit(encoded, priority=REALTIME, deadline=task.deadline, timed=timed)
     try:
-        handle = ctx.engine.submit(encoded, priority=REALTIME, deadline=task.deadline, timed=timed)
-        try:
-            logits = handle.wait(max(task.deadline - time.time(), 0))
-        finally:
-            if timed:
-                tracing.engine_spans(submitted, handle.timings, **{"rerank.pairs": encoded.pairs})
-    except Expired:
-        return None
-    except EngineFailed as exc:
-        return ScoreReply(error=f"the worker lost its engine: {exc}", status=503)
+        logits = handle.wait(max(task.deadline - time.time(), 0))
+    finally:
+        if timed:
+            tracing.engine_spans(submitted, handle.timings, **{"rerank.pairs": encoded.pairs})
     scores = Engine.merge(encoded, logits)
     log.info("scored %d pairs (%d tokens) in %.1f ms", encoded.pairs, encoded.tokens,
              (time.perf_counter() - started) * 1000)
-    return ScoreReply(
-        logits=scores.logits.tolist(), input_tokens=scores.input_tokens,
-        chunks=scores.chunks.tolist() if scores.chunks is not None else None,
-        truncated=scores.truncated.tolist() if scores.truncated is not None else None,
-    )
+    return ScoreReply(scored=scored(scores))
 
 
 def send_reply(ctx: WorkerContext, call_id: str, reply: ScoreReply) -> None:
     """The answer on the caller's list, and the call out of the pending ledger: one round trip."""
-    with tracing.span("rerank.reply", {"rerank.status": reply.status or 200}):
+    with tracing.span("rerank.reply", {"rerank.failure": reply.failure.kind} if reply.failure else None):
         _push_reply(ctx, call_id, reply)
 
 

@@ -16,7 +16,8 @@ from datetime import datetime, timezone
 import redis
 from kombu.exceptions import OperationalError
 
-from api.admission import chars_per_token, estimate_cost, pending_limit, retry_after
+from api.admission import (chars_per_token, estimate_cost, pending_limit, retry_after, served_length,
+                           workers_layout)
 from api.errors import ApiError
 from shared import names, redis_client, redis_state, tracing
 from shared.celery_config import make_celery
@@ -77,8 +78,9 @@ class Dispatcher:
         call_id = f"{request_id}.{uuid.uuid4().hex[:12]}"  # the worker's log lines carry the request id
         with tracing.span("rerank.admission", {"rerank.model": model.name}) as span:
             limit = pending_limit(self.settings.max_pending_tokens, workers, self.settings.sync_timeout)
-            cost = estimate_cost(query, documents, options, max_length=model.max_length,
-                                 chars_per_token=chars_per_token(workers), max_chunks=self.settings.max_chunks)
+            cost = estimate_cost(query, documents, options, max_length=served_length(workers, model.max_length),
+                                 chars_per_token=chars_per_token(workers), max_chunks=self.settings.max_chunks,
+                                 pair_layout=workers_layout(workers))
             verdict = self.pending.admit(model.name, call_id, cost, deadline, now, limit)
             span.set_attributes({"rerank.cost": cost, "rerank.pending": verdict.pending, "rerank.limit": limit,
                                  "rerank.admitted": verdict.admitted})

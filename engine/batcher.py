@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from engine.backends import Backend, OutOfMemory, PaddedBatch
+from engine.cost import ATTENTION_KNEE, padded_cost  # noqa: F401 - the one definition (engine/cost.py)
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +38,6 @@ BULK = 1
 WINDOW_BUDGETS = {REALTIME: 8, BULK: 64}
 WINDOW_PAIRS = 4096
 
-#: Width beyond which attention, quadratic in length, outweighs the rest of a forward pass.
-ATTENTION_KNEE = 512
-
 
 class Expired(Exception):
     """The request's deadline passed before it was scored (its caller has given up)."""
@@ -47,13 +45,6 @@ class Expired(Exception):
 
 class Cancelled(Exception):
     """The request was cancelled (its bulk job was cancelled)."""
-
-
-def padded_cost(rows: int, width: int) -> float:
-    """What a batch costs against MAX_BATCH_TOKENS: its padded tokens (rows x width), scaled by
-    width / 512 beyond 512 tokens because attention grows with the square of the length (v2-m3 at
-    8192 tokens: one pair counts 131 072, as much as 256 pairs of 512)."""
-    return rows * width * max(1.0, width / ATTENTION_KNEE)
 
 
 def plan_batches(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:

@@ -10,18 +10,22 @@ from the first request (api/admission.py).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from engine.backends import PaddedBatch, default_batch_tokens, forward, load_backend
-from engine.batcher import REALTIME, Batcher, BatchStats, padded_cost
+from engine import families
+from engine.batcher import REALTIME, Batcher, BatchStats
+from engine.cost import padded_cost
 from engine.encoding import DocumentPolicy, Encoded, Encoder, best_per_document
+from engine.scoring import activation
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +38,9 @@ class EngineConfig:
     """What an engine needs to start; the worker fills it from the settings (shared/settings.py)."""
 
     source: str  # Hugging Face id or local folder
-    max_length: int = 512
+    max_length: int | None = None  # None: the family's default context (512 cross-encoder, 8192 Qwen3)
+    family: str | None = None  # engine/families/; None: the one config.json implies
+    template: Mapping[str, str] | None = None  # the family's prompt strings overridden (JSON MODELS)
     device: str = "auto"  # auto, cpu, cuda, cuda:N, or sim (a simulated H100)
     dtype: str = "auto"
     max_batch_tokens: int | None = None  # None: by device (backends.default_batch_tokens)
@@ -85,7 +91,10 @@ class Engine:
               on_batch: Callable[[BatchStats], None] | None = None,
               on_exit: Callable[[str], None] | None = None) -> Engine:
         started = time.perf_counter()
-        encoder = Encoder.load(config.source, config.max_length)
+        family = families.family_of(config.source, config.family)
+        encoder = family.encoder(config.source, config.max_length, config.template)
+        # The backend and the batcher see the family and the context length the encoder settled on.
+        config = dataclasses.replace(config, family=family.NAME, max_length=encoder.max_length)
         if process:
             from engine.process import EngineProcess
 
@@ -95,15 +104,17 @@ class Engine:
             batcher, info = build_runtime(config, on_batch=on_batch)
             scorer = _Local(batcher)
         info.update(max_length=encoder.max_length, limit=encoder.limit, engine_process=process,
-                    start_seconds=round(time.perf_counter() - started, 2))
+                    start_seconds=round(time.perf_counter() - started, 2), **encoder.describe())
         return cls(encoder, scorer, info)
 
     # --- scoring -----------------------------------------------------------------------------------------------
     def score(self, query: str, documents: Sequence[str], policy: DocumentPolicy = DocumentPolicy(), *,
               priority: int = REALTIME, deadline: float | None = None, tag: str | None = None,
-              timeout: float | None = None) -> Scores:
-        """Each document's logit for the query (sigmoid is the caller's: shared/ranking.py)."""
-        encoded = self.encoder.encode(query, documents, policy)
+              timeout: float | None = None, instruction: str | None = None) -> Scores:
+        """Each document's raw score for the query (the family's activation is the caller's:
+        shared/ranking.py). `instruction` None: the model's default; a family that takes none
+        raises InstructionNotAccepted for any other."""
+        encoded = self.encoder.encode(query, documents, policy, instruction=instruction)
         return self.merge(encoded, self.run(encoded, priority=priority, deadline=deadline, tag=tag, timeout=timeout))
 
     def run(self, encoded: Encoded, *, priority: int = REALTIME, deadline: float | None = None,
@@ -127,12 +138,10 @@ class Engine:
 
     def score_pairs(self, pairs: Sequence[tuple[str, str]], *, normalize: bool = True) -> list[float]:
         """Relevance of each (query, document) pair, like sentence-transformers' CrossEncoder.predict:
-        sigmoid scores in [0, 1], or logits if not `normalize`."""
-        from shared.ranking import sigmoid
-
+        the family's activation of the scores (in [0, 1]), or the raw scores if not `normalize`."""
         encoded, where = self.encoder.encode_pairs(pairs)
         logits = self.run(encoded)[where].tolist()
-        return [sigmoid(x) for x in logits] if normalize else logits
+        return [activation(self.encoder.activation)(x) for x in logits] if normalize else logits
 
     def cancel(self, tag: str) -> None:
         """Drop every queued pair of requests tagged `tag` (a cancelled bulk job)."""

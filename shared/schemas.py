@@ -349,6 +349,8 @@ class ModelCard(BaseModel):
     object: str = "model"
     source: str = Field(description="Hugging Face id or folder the weights come from.")
     max_length: int
+    family: str | None = Field(default=None, description="Model family: cross-encoder, qwen3 or gemma (docs/models.md).")
+    context_length: int | None = Field(default=None, description="Tokens per (query, document) pair the workers serve.")
     workers: int = Field(description="Live workers (from their heartbeats).")
     devices: list[str]
     dtypes: list[str]
@@ -376,6 +378,8 @@ class TeiInfo(BaseModel):
     model_type: dict
     max_concurrent_requests: int
     max_input_length: int
+    family: str | None = Field(default=None, description="Ours: the model family (cross-encoder, qwen3, gemma).")
+    context_length: int | None = Field(default=None, description="Ours: tokens per pair the workers serve.")
     max_batch_tokens: int
     max_batch_requests: int | None
     max_client_batch_size: int

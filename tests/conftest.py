@@ -39,6 +39,22 @@ def model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def qwen3_dir(tmp_path_factory) -> Path:
+    """A tiny random Qwen3ForCausalLM with a BPE carrying Qwen's special tokens: a Qwen3-Reranker folder."""
+    from rerank.random_model import build_model
+
+    return build_model(tmp_path_factory.mktemp("models") / "qwen3-tiny", "qwen3-tiny")
+
+
+@pytest.fixture(scope="session")
+def gemma_dir(tmp_path_factory) -> Path:
+    """A tiny random GemmaForCausalLM (`<bos>`, `Yes` as one token): a bge-reranker-v2-gemma stand-in."""
+    from rerank.random_model import build_model
+
+    return build_model(tmp_path_factory.mktemp("models") / "gemma-tiny", "gemma-tiny")
+
+
+@pytest.fixture(scope="session")
 def tokenizer(model_dir):
     """The tiny model's tokenizer as transformers loads it (to build texts of given token counts)."""
     from transformers import AutoTokenizer

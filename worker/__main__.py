@@ -53,7 +53,8 @@ def choose_model(settings: Settings, name: str | None) -> ModelSpec:
 
 def engine_config(settings: Settings, spec: ModelSpec) -> EngineConfig:
     return EngineConfig(
-        source=spec.source, max_length=spec.max_length, device=settings.device, dtype=settings.dtype,
+        source=spec.source, max_length=spec.max_length, family=spec.family, template=spec.template,
+        device=settings.device, dtype=settings.dtype,
         max_batch_tokens=settings.max_batch_tokens, cuda_graphs=settings.cuda_graphs,
         graph_max_tokens=settings.cuda_graph_max_tokens, sim_profile=settings.sim_profile,
         torch_threads=settings.torch_threads, log_level=settings.log_level, log_json=settings.log_json,

@@ -53,6 +53,8 @@ def _card(spec: ModelSpec) -> ModelCard:
         id=spec.name,
         source=spec.source,
         max_length=spec.max_length,
+        family=next((w["family"] for w in workers if w.get("family")), spec.family),
+        context_length=next((w["context_length"] for w in workers if w.get("context_length")), spec.max_length),
         workers=len(workers),
         devices=sorted({w.get("device", "?") for w in workers}),
         dtypes=sorted({w.get("dtype", "?") for w in workers}),

@@ -1,7 +1,8 @@
 """The model as transformers loads it, run eagerly with torch on the CPU or a CUDA device.
 
-Loading follows transformers/sentence-transformers (`AutoModelForSequenceClassification` from a
-Hugging Face id or a local folder). fp16 on CUDA (the reference's fast path), float32 on CPU,
+The model family builds the module (engine/families/: `AutoModelForSequenceClassification` for
+cross-encoders, as sentence-transformers loads it; a causal LM's base model and score rows for
+Qwen3 and gemma), from a Hugging Face id or a local folder. fp16 on CUDA (bf16 for causal LMs) (the reference's fast path), float32 on CPU,
 where half precision is slow; logits always come back as float32.
 """
 
@@ -44,15 +45,15 @@ class TorchBackend:
 
     @classmethod
     def load(cls, config) -> TorchBackend:
-        from transformers import AutoModelForSequenceClassification
+        from engine.families import family_of
 
+        # The family builds the module (engine/families/): its `.logits` is one score per row.
+        family = family_of(config.source, getattr(config, "family", None))
         device = resolve_device(config.device)
-        dtype = resolve_dtype(config.dtype, device)
-        model = AutoModelForSequenceClassification.from_pretrained(config.source, dtype=dtype)
+        dtype = resolve_dtype(family.dtype(config.dtype, device.type), device)
+        model, pad_id = family.load_model(config.source, dtype)
         model.to(device).eval()
-        if model.config.num_labels != 1:
-            raise ValueError(f"{config.source} has {model.config.num_labels} labels; a reranker has one")
-        return cls(model, device=device, dtype=dtype, pad_id=int(model.config.pad_token_id), source=config.source)
+        return cls(model, device=device, dtype=dtype, pad_id=pad_id, source=config.source)
 
     def describe(self) -> dict[str, Any]:
         return {"device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."), "backend": "torch eager"}

@@ -68,8 +68,10 @@ class _Local:
     def __init__(self, batcher: Batcher) -> None:
         self.batcher = batcher
 
-    def submit(self, encoded: Encoded, *, priority: int, deadline: float | None = None, tag: str | None = None):
-        return self.batcher.submit(encoded.lengths, encoded.ids, priority=priority, deadline=deadline, tag=tag)
+    def submit(self, encoded: Encoded, *, priority: int, deadline: float | None = None, tag: str | None = None,
+               timed: bool = False):
+        return self.batcher.submit(encoded.lengths, encoded.ids, priority=priority, deadline=deadline, tag=tag,
+                                   timed=timed)
 
     def cancel(self, tag: str) -> None:
         self.batcher.cancel(tag)
@@ -121,9 +123,10 @@ class Engine:
         return self.submit(encoded, priority=priority, deadline=deadline, tag=tag).wait(timeout)
 
     def submit(self, encoded: Encoded, *, priority: int = REALTIME, deadline: float | None = None,
-               tag: str | None = None):
-        """Queue encoded pair inputs; the returned handle's `wait(timeout)` gives their logits."""
-        return self.scorer.submit(encoded, priority=priority, deadline=deadline, tag=tag)
+               tag: str | None = None, timed: bool = False):
+        """Queue encoded pair inputs; the returned handle's `wait(timeout)` gives their logits, and
+        with `timed` its `timings` say when its batches ran (engine.batcher.Timings, for traces)."""
+        return self.scorer.submit(encoded, priority=priority, deadline=deadline, tag=tag, timed=timed)
 
     @staticmethod
     def merge(encoded: Encoded, logits: np.ndarray) -> Scores:

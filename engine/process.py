@@ -9,9 +9,10 @@ model thread. Requests cross as packed arrays (a small header, int32 lengths and
 back as float32 logits: no pickling and no per-token Python work on either side.
 
 Messages (first byte is the kind):
-  parent -> child  S submit(ticket id, priority, deadline, tag, lengths, ids)   C cancel(tag)
+  parent -> child  S submit(ticket id, priority, deadline, tag, timed, lengths, ids)   C cancel(tag)
   child -> parent  I ready(info JSON)   F failed(reason)   R result(ticket id, logits)
                    E error(ticket id, kind, message)   B batch statistics
+                   T timings(ticket id, when its batches ran: only if timed; just before its R)
 The child exits when the pipe closes, so it never outlives its worker; the worker learns of the
 child's death the same way (`on_exit`).
 """
@@ -39,15 +40,16 @@ from typing import Any
 import numpy as np
 
 from engine.backends import OutOfMemory
-from engine.batcher import BatchStats, Cancelled, Expired, Ticket
+from engine.batcher import BatchStats, Cancelled, Expired, Ticket, Timings
 from engine.encoding import Encoded
 
 log = logging.getLogger(__name__)
 
-_SUBMIT = struct.Struct("<QBdIH")  # ticket id, priority, deadline (NaN: none), pairs, tag bytes
+_SUBMIT = struct.Struct("<QBdIHB")  # ticket id, priority, deadline (NaN: none), pairs, tag bytes, timed
 _RESULT = struct.Struct("<Q")
 _ERROR = struct.Struct("<QB")
 _STATS = struct.Struct("<IIIdddd")  # pairs, real tokens, padded tokens, cost, seconds, forward cpu, unused
+_TIMINGS = struct.Struct("<QddIIII")  # ticket id, then engine.batcher.Timings' fields in order
 
 
 
@@ -78,12 +80,13 @@ def _error_of(code: int, text: str) -> Exception:
 class Pending:
     """A request sent to the engine process; `wait()` gives its logits in input order."""
 
-    __slots__ = ("done", "logits", "error")
+    __slots__ = ("done", "logits", "error", "timings")
 
     def __init__(self) -> None:
         self.done = threading.Event()
         self.logits: np.ndarray | None = None
         self.error: BaseException | None = None
+        self.timings: Timings | None = None  # when its batches ran, if asked for (submit's `timed`)
 
     def wait(self, timeout: float | None = None) -> np.ndarray:
         if not self.done.wait(timeout):
@@ -143,12 +146,12 @@ class EngineProcess:
         return self.info
 
     def submit(self, encoded: Encoded, *, priority: int, deadline: float | None = None,
-               tag: str | None = None) -> Pending:
+               tag: str | None = None, timed: bool = False) -> Pending:
         pending = Pending()
         ticket = next(self._ids)
         tag_bytes = (tag or "").encode()
         header = b"S" + _SUBMIT.pack(ticket, priority, math.nan if deadline is None else deadline,
-                                     encoded.pairs, len(tag_bytes)) + tag_bytes
+                                     encoded.pairs, len(tag_bytes), timed) + tag_bytes
         with self._lock:
             self._pending[ticket] = pending
         try:
@@ -199,6 +202,12 @@ class EngineProcess:
                 text = message[1 + _ERROR.size :].decode(errors="replace")
                 error = _error_of(code, text)
                 self._settle(ticket, error=error)
+            elif kind == b"T":
+                ticket, *values = _TIMINGS.unpack_from(message, 1)
+                with self._lock:
+                    pending = self._pending.get(ticket)
+                if pending is not None:
+                    pending.timings = Timings(*values)
             elif kind == b"B" and self.on_batch is not None:
                 pairs, real, padded, cost, seconds, cpu, _ = _STATS.unpack_from(message, 1)
                 self.on_batch(BatchStats(pairs, real, padded, cost, seconds, cpu))
@@ -264,6 +273,8 @@ def child_main(config, conn: Connection) -> None:
     def answer(ticket_id: int) -> Callable[[Ticket], None]:
         def done(ticket: Ticket) -> None:
             error = ticket.error
+            if ticket.timings is not None:
+                send(b"T" + _TIMINGS.pack(ticket_id, *dataclasses.astuple(ticket.timings)))
             if error is None:
                 send(b"R" + _RESULT.pack(ticket_id) + ticket.results.tobytes())
             else:
@@ -278,14 +289,14 @@ def child_main(config, conn: Connection) -> None:
             break
         kind = message[:1]
         if kind == b"S":
-            ticket_id, priority, deadline, pairs, tag_len = _SUBMIT.unpack_from(message, 1)
+            ticket_id, priority, deadline, pairs, tag_len, timed = _SUBMIT.unpack_from(message, 1)
             at = 1 + _SUBMIT.size
             tag = message[at : at + tag_len].decode() or None
             at += tag_len
             lengths = np.frombuffer(message, dtype=np.int32, count=pairs, offset=at)
             ids = np.frombuffer(message, dtype=np.int32, offset=at + 4 * pairs)
             batcher.submit(lengths, ids, priority=priority, deadline=None if math.isnan(deadline) else deadline,
-                           tag=tag, on_done=answer(ticket_id))
+                           tag=tag, on_done=answer(ticket_id), timed=bool(timed))
         elif kind == b"C":
             batcher.cancel(message[1:].decode())
     batcher.stop()

@@ -17,7 +17,7 @@ from celery import signals
 
 from engine import Engine, EngineConfig
 from engine.process import EngineFailed
-from shared import names, redis_client
+from shared import names, redis_client, tracing
 from shared.celery_config import make_celery
 from shared.feed import Feeder
 from shared.jobs import JobStore
@@ -103,6 +103,7 @@ def main(argv: list[str] | None = None) -> None:
 
     settings = get_settings()
     configure_logging(settings)
+    tracing.setup("rerank-worker", celery=True)  # off unless OTEL_EXPORTER_OTLP_ENDPOINT is set
     spec = choose_model(settings, args.model)
     ctx = build_context(settings, spec)
 

@@ -48,6 +48,7 @@ class WorkerContext:
             "max_length": info["max_length"],
             "device": str(info["device"]),
             "dtype": str(info["dtype"]),
+            "dtype_reason": info.get("dtype_reason"),  # why DTYPE=auto chose it (engine/backends/cpu_dtype.py)
             "backend": info.get("backend"),
             "simulated": bool(info.get("simulated", False)),
             "cuda_graphs": info.get("cuda_graphs", 0),

@@ -5,15 +5,19 @@
 
 Random-weight models of the bge configs (rerank/random_model.py; a 4k vocabulary instead of 250k:
 the embedding table's size changes no arithmetic) score FastGPT-like lists (bench.run's
-workload: queries of 8-32 tokens, documents of 30-400). Each pass is run once per dtype through
-the encoder (`model.roberta`), and the classification head is applied to its features in three
-ways: all bf16 (what `DTYPE=auto` runs), bf16 encoder with a float32 head, and float32 (the
-reference). Random weights give logits packed near zero, so the same is repeated with the head
-scaled so that the reference logits of the load spread over [-8, 8], as a real checkpoint's do.
+workload: queries of 8-32 tokens, documents of 30-400). The encoder (`model.roberta`) runs each
+list three ways: float32 (the reference), bf16 matrix multiplications with everything else
+float32 (what `DTYPE=auto` runs on a CPU with bf16 units: engine/backends/cpu_dtype.py), and the
+whole model cast to bf16; the whole-bf16 features also go through a float32 head. Random weights
+give logits packed near zero, so the same is repeated with the head scaled so that the reference
+logits of the load spread over [-8, 8], as a real checkpoint's do.
 
 Printed per model and head: the largest and the mean absolute difference of the logit and of the
-score (sigmoid), the bf16 error relative to the spread of the reference logits, and the share of
-lists whose top 5 / top 10 (as ordered) differ from the reference's. JSON under bench/results/.
+score (sigmoid), the bf16 error relative to the spread of the reference logits (the standard
+deviation of the differences over that of the reference logits: what decides how often neighbours
+swap), the share of lists whose top 5 / top 10 (as ordered) differ from the reference's, whose top
+10 holds other documents, and how many places a reference top-10 document moves on average.
+JSON under bench/results/.
 """
 
 from __future__ import annotations
@@ -95,12 +99,16 @@ def head_logits(head, feats) -> np.ndarray:
         return head(feats.to(next(head.parameters()).dtype)).float().view(-1).numpy().astype(np.float64)
 
 
-def scaled(head, reference: np.ndarray):
-    """A copy of the head whose logits on this load are `a * (logit - mid)`, spanning [-8, 8]."""
+def spread(reference: np.ndarray) -> tuple[float, float]:
+    """(a, mid) such that `a * (logit - mid)` spans [-8, 8] on the reference logits."""
+    lo, hi = float(reference.min()), float(reference.max())
+    return 2 * SPREAD / max(hi - lo, 1e-9), (hi + lo) / 2
+
+
+def scaled(head, a: float, mid: float):
+    """A copy of the head whose logits are `a * (logit - mid)`: its last projection scaled."""
     import torch
 
-    lo, hi = float(reference.min()), float(reference.max())
-    a, mid = 2 * SPREAD / max(hi - lo, 1e-9), (hi + lo) / 2
     head = copy.deepcopy(head)
     with torch.no_grad():
         head.out_proj.weight.mul_(a)
@@ -119,13 +127,27 @@ def compare(reference: list[np.ndarray], other: list[np.ndarray]) -> dict[str, f
         return float(np.mean([not np.array_equal(np.argsort(-r, kind="stable")[:k], np.argsort(-o, kind="stable")[:k])
                               for r, o in zip(reference, other)]))
 
+    def set_changed(k: int) -> float:
+        return float(np.mean([set(np.argsort(-r, kind="stable")[:k]) != set(np.argsort(-o, kind="stable")[:k])
+                              for r, o in zip(reference, other)]))
+
+    def shift(k: int) -> float:
+        """Mean places a document of the reference's top k moves (ranks in the other scoring)."""
+        moves = []
+        for r, o in zip(reference, other):
+            rank = np.empty(len(o), dtype=int)
+            rank[np.argsort(-o, kind="stable")] = np.arange(len(o))
+            moves += [abs(int(rank[doc]) - place) for place, doc in enumerate(np.argsort(-r, kind="stable")[:k])]
+        return float(np.mean(moves))
+
     d = np.abs(ref - oth)
     s = np.abs(sig(ref) - sig(oth))
     return {"logit_max_diff": float(d.max()), "logit_mean_diff": float(d.mean()),
             "score_max_diff": float(s.max()), "score_mean_diff": float(s.mean()),
             "error_over_spread": float(np.std(ref - oth) / max(np.std(ref), 1e-12)),
             "reference_logits": [float(ref.min()), float(ref.max())],
-            "top5_changed": changed(5), "top10_changed": changed(10), "lists": len(reference),
+            "top5_changed": changed(5), "top10_changed": changed(10), "top10_set_changed": set_changed(10),
+            "top10_mean_shift": shift(10), "lists": len(reference),
             "pairs": int(ref.size)}
 
 
@@ -133,48 +155,58 @@ def measure(arch: str, lists: int, docs: int, budget: int, seed: int) -> dict[st
     import torch
     from transformers import AutoModelForSequenceClassification
 
+    from engine.backends.cpu_dtype import bf16_matmuls
     from engine.encoding import Encoder
 
     path = fidelity_model(arch)
     work = lists_for(path, lists, docs, seed)
     encoder = Encoder.load(str(path), 512)
     encoded = [encoder.encode(q, d) for q, d in work]
-    models = {name: AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype).eval()
-              for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16))}
+
+    def load(dtype, matmuls=False):
+        model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype).eval()
+        if matmuls:
+            bf16_matmuls(model)
+        return model
+
+    models = {"float32": load(torch.float32), "bf16_whole_model": load(torch.bfloat16),
+              "bf16_matmuls": load(torch.float32, matmuls=True)}
     feats: dict[str, list] = {}
     seconds: dict[str, float] = {}
     for name, model in models.items():
         started = time.perf_counter()
         feats[name] = [features(model, e, budget) for e in encoded]
         seconds[name] = time.perf_counter() - started
-    ref_head, bf_head = models["float32"].classifier, models["bfloat16"].classifier
+    ref_head = models["float32"].classifier
+    # variant: (features of, head)
+    variants = {"bf16_matmuls (auto)": ("bf16_matmuls", models["bf16_matmuls"].classifier),
+                "bf16_whole_model": ("bf16_whole_model", models["bf16_whole_model"].classifier),
+                "bf16_whole+f32_head": ("bf16_whole_model", ref_head)}
     ref = [head_logits(ref_head, f) for f in feats["float32"]]
-    out = {"seconds": seconds}
-    out["random_head"] = {
-        "bf16": compare(ref, [head_logits(bf_head, f) for f in feats["bfloat16"]]),
-        "bf16_float32_head": compare(ref, [head_logits(ref_head, f) for f in feats["bfloat16"]]),
-    }
-    big_ref = scaled(ref_head, np.concatenate(ref))
-    big_bf = scaled(ref_head, np.concatenate(ref)).to(torch.bfloat16)
-    big = [head_logits(big_ref, f) for f in feats["float32"]]
-    out["spread_head"] = {
-        "bf16": compare(big, [head_logits(big_bf, f) for f in feats["bfloat16"]]),
-        "bf16_float32_head": compare(big, [head_logits(big_ref, f) for f in feats["bfloat16"]]),
-    }
+    a, mid = spread(np.concatenate(ref))
+    big = [head_logits(scaled(ref_head, a, mid), f) for f in feats["float32"]]
+    out: dict[str, dict] = {"seconds": seconds, "random_head": {}, "spread_head": {}}
+    for variant, (source, head) in variants.items():
+        out["random_head"][variant] = compare(ref, [head_logits(head, f) for f in feats[source]])
+        # scaled in float32, then stored as the variant stores it (a bf16 head: rounded once)
+        big_head = scaled(copy.deepcopy(head).float(), a, mid).to(next(head.parameters()).dtype) \
+            if variant == "bf16_whole_model" else scaled(head, a, mid)
+        out["spread_head"][variant] = compare(big, [head_logits(big_head, f) for f in feats[source]])
     return out
 
 
 def table(results: dict[str, dict]) -> str:
-    rows = ["model  | head                | variant           | logit max / mean | score max / mean  "
-            "| err/spread | top-5 | top-10 | lists",
-            "-------+---------------------+-------------------+------------------+-------------------"
-            "+------------+-------+--------+------"]
+    rows = ["model  | head                | variant             | logit max / mean | score max / mean  "
+            "| err/spread | top-5 | top-10 | top-10 set | shift | lists",
+            "-------+---------------------+---------------------+------------------+-------------------"
+            "+------------+-------+--------+------------+-------+------"]
     for arch, r in results.items():
         for head, label in (("random_head", "random weights"), ("spread_head", f"scaled to ±{SPREAD:g}")):
             for variant, v in r[head].items():
-                rows.append(f"{arch:6} | {label:19} | {variant:17} | {v['logit_max_diff']:.4f} / {v['logit_mean_diff']:.4f}"
+                rows.append(f"{arch:6} | {label:19} | {variant:19} | {v['logit_max_diff']:.4f} / {v['logit_mean_diff']:.4f}"
                             f"  | {v['score_max_diff']:.5f} / {v['score_mean_diff']:.5f} | {v['error_over_spread']:10.4f}"
-                            f" | {v['top5_changed']:5.0%} | {v['top10_changed']:6.0%} | {v['lists']}")
+                            f" | {v['top5_changed']:5.0%} | {v['top10_changed']:6.0%} | {v['top10_set_changed']:10.0%}"
+                            f" | {v['top10_mean_shift']:5.2f} | {v['lists']}")
     return "\n".join(rows)
 
 
@@ -182,7 +214,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.cpu_fidelity", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--archs", default="base,large,v2-m3")
-    parser.add_argument("--lists", type=int, default=4, help="FastGPT-like lists (queries) per model")
+    parser.add_argument("--lists", type=int, default=3, help="FastGPT-like lists (queries) per model")
     parser.add_argument("--docs", type=int, default=20, help="documents per list")
     parser.add_argument("--budget", type=int, default=2048, help="padded tokens per pass")
     parser.add_argument("--seed", type=int, default=20)

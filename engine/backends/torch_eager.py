@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from engine.backends import OutOfMemory, PaddedBatch
-from engine.backends.cpu_dtype import resolve_dtype
+from engine.backends.cpu_dtype import bf16_matmuls, resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -42,14 +42,16 @@ class TorchBackend:
         from transformers import AutoModelForSequenceClassification
 
         device = resolve_device(config.device)
-        dtype, reason = resolve_dtype(config.dtype, device)
-        log.info("dtype %s (%s)", str(dtype).removeprefix("torch."), reason)
-        model = AutoModelForSequenceClassification.from_pretrained(config.source, dtype=dtype)
+        choice = resolve_dtype(config.dtype, device)
+        log.info("dtype %s (%s)", str(choice.dtype).removeprefix("torch."), choice.reason)
+        model = AutoModelForSequenceClassification.from_pretrained(config.source, dtype=choice.load_dtype)
         model.to(device).eval()
+        if choice.bf16_matmuls:
+            bf16_matmuls(model)
         if model.config.num_labels != 1:
             raise ValueError(f"{config.source} has {model.config.num_labels} labels; a reranker has one")
-        return cls(model, device=device, dtype=dtype, pad_id=int(model.config.pad_token_id), source=config.source,
-                   dtype_reason=reason)
+        return cls(model, device=device, dtype=choice.dtype, pad_id=int(model.config.pad_token_id),
+                   source=config.source, dtype_reason=choice.reason)
 
     def describe(self) -> dict[str, Any]:
         return {"device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),

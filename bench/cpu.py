@@ -50,7 +50,7 @@ class Infinity:
         self.name = "infinity"
         self.port = free_port()
         argv = [executable, "v2", "--model-id", str(path), "--port", str(self.port), "--host", "127.0.0.1",
-                "--device", "cpu", "--no-model-warmup", *shlex.split(extra)]
+                "--device", "cpu", "--no-model-warmup", "--served-model-name", "bench", *shlex.split(extra)]
         self.args = extra
         self.proc = Proc("infinity", argv, base_env(INFINITY_ANONYMOUS_USAGE_STATS="0", DO_NOT_TRACK="1"), log_dir)
         self.url = f"http://127.0.0.1:{self.port}"
@@ -59,7 +59,7 @@ class Infinity:
         def call(query: str, docs: list[str]) -> int:
             session = getattr(local, "session", None) or requests.Session()
             local.session = session
-            r = session.post(self.url + "/rerank", json={"query": query, "documents": docs, "model": str(path)},
+            r = session.post(self.url + "/rerank", json={"query": query, "documents": docs, "model": "bench"},
                              timeout=900)
             if r.status_code != 200:
                 raise RuntimeError(f"infinity {r.status_code}: {r.text[:300]}")

@@ -78,6 +78,33 @@ class Infinity:
         self.proc.stop()
 
 
+def threads_w1(path: Path, w, threads: list[int], reps: int) -> dict[str, dict[str, float]]:
+    """W1 in-process (DTYPE=auto) at each torch thread count: wall and CPU seconds per call, the
+    base of docs/cpu.md's extrapolation to 4 and 8 cores."""
+    import torch
+
+    from engine import Engine, EngineConfig
+
+    engine = Engine.start(EngineConfig(source=str(path), device="cpu"))
+    out = {}
+    try:
+        engine.score("warm", ["up"])
+        for n in threads:
+            torch.set_num_threads(n)
+            walls, cpus = [], []
+            for _ in range(reps):
+                query, docs = w.w1[0]
+                wall, cpu = time.perf_counter(), time.process_time()
+                engine.score(query, docs)
+                walls.append(time.perf_counter() - wall)
+                cpus.append(time.process_time() - cpu)
+            out[str(n)] = {"wall_s": min(walls), "cpu_s": min(cpus), "dtype": engine.info["dtype"]}
+            print(f"  {n} thread(s): {min(walls):.1f} s wall, {min(cpus):.1f} s CPU", flush=True)
+    finally:
+        engine.stop()
+    return out
+
+
 def ratios(r: dict) -> dict[str, float]:
     out = {}
     f, a, i, c = (r.get(k, {}) for k in ("float32", "auto", "infinity", "ceiling"))
@@ -117,6 +144,8 @@ def table(report: dict) -> str:
         met = "" if target is None else ("met" if (value <= target if op == "<=" else value >= target) else "NOT met")
         lines.append(f"{key:28} {value:8.3f}   {'' if target is None else f'target {op} {target:g}: {met}'}")
     dtypes = report.get("dtypes", {})
+    for n, t in r.get("w1_threads", {}).items():
+        lines.append(f"W1 in-process ({t['dtype']}), {n} torch thread(s): {t['wall_s']:.1f} s wall, {t['cpu_s']:.1f} s CPU")
     for name, info in dtypes.items():
         lines.append(f"{name}: dtype {info.get('dtype')} ({info.get('dtype_reason')}), "
                      f"{info.get('max_batch_tokens')} tokens per batch, capacity {info.get('capacity')} tokens/s")
@@ -128,7 +157,8 @@ def table(report: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.cpu", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", default="w1,w2,w3")
+    parser.add_argument("--only", default="w1,w2,w3",
+                        help="w1, w2, w3, and threads (W1 in-process at 1 and 2 torch threads)")
     parser.add_argument("--w1-reps", type=int, default=3)
     parser.add_argument("--repeat", type=int, default=1, help="W2 and W3 turns per system; the best counts")
     parser.add_argument("--w2-clients", type=int, default=8)
@@ -151,8 +181,11 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict] = {}
     dtypes = {}
     ceiling = None
+    if "threads" in only:
+        print("W1 in-process by torch threads …", flush=True)
+        results["w1_threads"] = threads_w1(path, w, [1, 2], args.w1_reps)
     try:
-        for name, dtype in (("float32", "float32"), ("auto", "auto")):
+        for name, dtype in (("float32", "float32"), ("auto", "auto")) if only - {"threads"} else ():
             service = Service(path, log_dir, "cpu", name=name, extra={"DTYPE": dtype, **extra})
             systems.append(service)
             info = service.worker_info()

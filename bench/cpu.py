@@ -230,7 +230,9 @@ def main(argv: list[str] | None = None) -> int:
         if ceiling is not None:
             ceiling.close()
     shutil.rmtree(log_dir, ignore_errors=True)
-    report = {"machine": machine(), "model": "base architecture, random weights, 4k vocabulary",
+    # Other work on the box slows every system alike but shows in absolute figures: say how busy it was.
+    report = {"machine": {**machine(), "load_average_at_end": os.getloadavg()},
+              "model": "base architecture, random weights, 4k vocabulary",
               "workloads": {"w1_docs": 100, "w1_reps": args.w1_reps, "w2_clients": args.w2_clients,
                             "w2_requests_per_client": args.w2_requests, "w2_docs": 20,
                             "w3_requests": args.w3_requests, "repeat_best_of": args.repeat, "doc_tokens": [30, 400]},

@@ -195,6 +195,38 @@ def measure(arch: str, lists: int, docs: int, budget: int, seed: int) -> dict[st
     return out
 
 
+def speed(arch: str, rows: int = 4, width: int = 256, reps: int = 3) -> dict[str, float]:
+    """CPU seconds of one pass per variant at one torch thread (min of `reps`, taken in turns):
+    CPU time, unlike wall time, barely moves when other work shares the cores."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from engine.backends.cpu_dtype import bf16_matmuls
+
+    path = fidelity_model(arch)
+    models = {"float32": AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32).eval(),
+              "bf16_whole_model": AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.bfloat16).eval()}
+    models["bf16_matmuls"] = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32).eval()
+    bf16_matmuls(models["bf16_matmuls"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    ids = torch.randint(5, 4000, (rows, width))
+    mask = torch.ones_like(ids)
+    times: dict[str, list[float]] = {name: [] for name in models}
+    try:
+        with torch.inference_mode():
+            for model in models.values():
+                model(input_ids=ids, attention_mask=mask)
+            for _ in range(reps):
+                for name, model in models.items():
+                    started = time.thread_time()
+                    model(input_ids=ids, attention_mask=mask)
+                    times[name].append(time.thread_time() - started)
+    finally:
+        torch.set_num_threads(threads)
+    return {name: min(t) for name, t in times.items()}
+
+
 def table(results: dict[str, dict]) -> str:
     rows = ["model  | head                | variant             | logit max / mean | score max / mean  "
             "| err/spread | top-5 | top-10 | top-10 set | shift | lists",
@@ -218,6 +250,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--docs", type=int, default=20, help="documents per list")
     parser.add_argument("--budget", type=int, default=2048, help="padded tokens per pass")
     parser.add_argument("--seed", type=int, default=20)
+    parser.add_argument("--speed", action="store_true", help="also time one pass per variant (CPU seconds)")
+    parser.add_argument("--speed-only", action="store_true", help="only time one pass per variant")
     parser.add_argument("--out", help="JSON file (default bench/results/cpu-fidelity-<date>.json)")
     args = parser.parse_args(argv)
     import torch
@@ -225,8 +259,15 @@ def main(argv: list[str] | None = None) -> None:
     results = {}
     for arch in args.archs.split(","):
         print(f"{arch} …", flush=True)
-        results[arch] = measure(arch, args.lists, args.docs, args.budget, args.seed)
-    text = table(results)
+        results[arch] = {} if args.speed_only else measure(arch, args.lists, args.docs, args.budget, args.seed)
+        if args.speed or args.speed_only:
+            results[arch]["cpu_seconds_per_pass"] = speed(arch)
+    text = table({a: r for a, r in results.items() if "random_head" in r})
+    for arch, r in results.items():
+        if "cpu_seconds_per_pass" in r:
+            base = r["cpu_seconds_per_pass"]["float32"]
+            text += f"\n{arch}: CPU seconds per pass of 4 x 256 tokens at one thread: " + ", ".join(
+                f"{name} {sec:.2f} ({base / sec:.2f} x)" for name, sec in r["cpu_seconds_per_pass"].items())
     print(text)
     doc = {"machine": {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
                        "threads": torch.get_num_threads(),

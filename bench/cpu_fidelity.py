@@ -227,6 +227,39 @@ def speed(arch: str, rows: int = 4, width: int = 256, reps: int = 3) -> dict[str
     return {name: min(t) for name, t in times.items()}
 
 
+def budgets(arch: str, widths=(128, 256), sizes=(1024, 2048, 4096, 8192), reps: int = 3) -> dict[str, float]:
+    """Tokens per CPU-second of the default bf16 path at one thread, by batch budget (rows x width):
+    what MAX_BATCH_TOKENS on a CPU rests on."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from engine.backends.cpu_dtype import bf16_matmuls
+
+    model = AutoModelForSequenceClassification.from_pretrained(fidelity_model(arch), dtype=torch.float32).eval()
+    bf16_matmuls(model)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    out = {}
+    try:
+        with torch.inference_mode():
+            for width in widths:
+                for budget in sizes:
+                    ids = torch.randint(5, 4000, (budget // width, width))
+                    mask = torch.ones_like(ids)
+                    model(input_ids=ids, attention_mask=mask)
+                    took = []
+                    for _ in range(reps):
+                        started = time.thread_time()
+                        model(input_ids=ids, attention_mask=mask)
+                        took.append(time.thread_time() - started)
+                    out[f"{width}x{budget}"] = ids.numel() / min(took)
+                    print(f"  width {width}, budget {budget}: {out[f'{width}x{budget}']:.0f} tokens per CPU-second",
+                          flush=True)
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
 def table(results: dict[str, dict]) -> str:
     rows = ["model  | head                | variant             | logit max / mean | score max / mean  "
             "| err/spread | top-5 | top-10 | top-10 set | shift | lists",
@@ -252,6 +285,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=20)
     parser.add_argument("--speed", action="store_true", help="also time one pass per variant (CPU seconds)")
     parser.add_argument("--speed-only", action="store_true", help="only time one pass per variant")
+    parser.add_argument("--budgets", action="store_true", help="bf16 tokens per CPU-second by batch budget")
     parser.add_argument("--out", help="JSON file (default bench/results/cpu-fidelity-<date>.json)")
     args = parser.parse_args(argv)
     import torch
@@ -262,6 +296,8 @@ def main(argv: list[str] | None = None) -> None:
         results[arch] = {} if args.speed_only else measure(arch, args.lists, args.docs, args.budget, args.seed)
         if args.speed or args.speed_only:
             results[arch]["cpu_seconds_per_pass"] = speed(arch)
+        if args.budgets:
+            results[arch]["bf16_tokens_per_cpu_second_by_budget"] = budgets(arch)
     text = table({a: r for a, r in results.items() if "random_head" in r})
     for arch, r in results.items():
         if "cpu_seconds_per_pass" in r:

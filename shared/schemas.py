@@ -354,6 +354,8 @@ class ModelCard(BaseModel):
     workers: int = Field(description="Live workers (from their heartbeats).")
     devices: list[str]
     dtypes: list[str]
+    dtype_reasons: list[str] = Field(default_factory=list, description="Why the workers run that dtype "
+                                                                        "(DTYPE=auto: the device's bf16 support).")
     pairs_per_second: float | None = Field(description="Measured pace of the live workers together.")
     capacity: float | None = Field(
         default=None, description="Padded tokens a second the live workers score at full batches (the 429 bound "
@@ -388,6 +390,7 @@ class TeiInfo(BaseModel):
     version: str
     simulated: bool = Field(default=False, description="Ours: the workers run on the simulated GPU (DEVICE=sim); "
                                                        "scores are placeholders.")
+    dtype_reason: str | None = Field(default=None, description="Ours: why the workers run model_dtype.")
 
 
 # --- bulk jobs --------------------------------------------------------------------------------------

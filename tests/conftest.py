@@ -64,10 +64,11 @@ def tokenizer(model_dir):
 
 @pytest.fixture(scope="session")
 def engine(model_dir) -> Iterator:
-    """The tiny model behind the real engine, in-process (the worker runs the same in a process)."""
+    """The tiny model behind the real engine, in-process (the worker runs the same in a process), in
+    float32: the reference path the scores are compared with (DTYPE=auto: tests/test_cpu_dtype.py)."""
     from engine import Engine, EngineConfig
 
-    started = Engine.start(EngineConfig(source=str(model_dir), device="cpu"))
+    started = Engine.start(EngineConfig(source=str(model_dir), device="cpu", dtype="float32"))
     yield started
     started.stop()
 
@@ -117,6 +118,7 @@ def stack_env(model_dir, redis_url) -> dict[str, str]:
         WORKER_CONCURRENCY="8",
         MAX_CHUNKS="32",
         TORCH_THREADS="1",
+        DTYPE="float32",  # the reference path, scores compared to 1e-6; DTYPE=auto: tests/test_cpu_dtype.py
         LOG_LEVEL="INFO",
     )
 

@@ -88,8 +88,9 @@ def build_context(settings: Settings, spec: ModelSpec) -> WorkerContext:
                         job_store=JobStore(client, settings.job_ttl), job_storage=JobStorage(settings.job_storage_url),
                         metrics=metrics, pace=pace, chars_per_token=CharsPerToken(), pending=PendingWork(client))
     info = engine.info
-    log.info("model %s from %s on %s (%s, %s, max_length %d, %d tokens per batch, capacity %.0f tokens/s) "
-             "ready in %.1fs%s", spec.name, spec.source, info["device"], info["dtype"], info.get("backend"),
+    log.info("model %s from %s on %s (%s: %s; %s, max_length %d, %d tokens per batch, capacity %.0f tokens/s) "
+             "ready in %.1fs%s", spec.name, spec.source, info["device"], info["dtype"],
+             info.get("dtype_reason") or "as configured", info.get("backend"),
              info["max_length"], info["max_batch_tokens"], info["capacity"], info["start_seconds"],
              "; SIMULATED device: scores are placeholders" if info.get("simulated") else "")
     return ctx

@@ -54,6 +54,7 @@ class WorkerContext:
             "template_tokens": info.get("template_tokens"),
             "device": str(info["device"]),
             "dtype": str(info["dtype"]),
+            "dtype_reason": info.get("dtype_reason"),  # why DTYPE=auto chose it (engine/backends/cpu_dtype.py)
             "backend": info.get("backend"),
             "simulated": bool(info.get("simulated", False)),
             "cuda_graphs": info.get("cuda_graphs", 0),

@@ -58,6 +58,7 @@ def _card(spec: ModelSpec) -> ModelCard:
         workers=len(workers),
         devices=sorted({w.get("device", "?") for w in workers}),
         dtypes=sorted({w.get("dtype", "?") for w in workers}),
+        dtype_reasons=sorted({w["dtype_reason"] for w in workers if w.get("dtype_reason")}),
         pairs_per_second=round(sum(w.get("pairs_per_second") or 0 for w in workers), 2) or None,
         capacity=round(sum(w.get("capacity") or 0 for w in workers), 1) or None,
         backends=sorted({w["backend"] for w in workers if w.get("backend")}),

@@ -102,4 +102,5 @@ def tei_info():
         tokenization_workers=settings.worker_concurrency,
         version="1.0",
         simulated=any(w.get("simulated") for w in workers),
+        dtype_reason=workers[0].get("dtype_reason") if workers else None,
     ))

@@ -1,6 +1,6 @@
 """Text -> pair inputs, and pair logits -> document logits: the one place that knows the layout.
 
-Layout and truncation follow FlagEmbedding's `FlagReranker.compute_score` (CONTRACT §4), the
+Layout and truncation follow FlagEmbedding's `FlagReranker.compute_score` (docs/reference-scoring.md#flagembeddings-flagreranker), the
 reference the scores must match: the query is cut to `max_length * 3 // 4` tokens, the passage to
 what is left, and the pair is `<s> q </s></s> p </s>`. A `DocumentPolicy` may instead cut a long
 document from the left (TEI), cap it first (Cohere v2 `max_tokens_per_doc`), refuse it (TEI's

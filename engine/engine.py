@@ -193,7 +193,7 @@ def measure_capacity(backend, budget: int, max_length: int, seconds: float = CAP
 
     Timed on full-budget passes while the worker warms up, so a worker announces what it can do
     before its first request: measured on small first calls instead, the pace looks tiny and the
-    admission bound refuses a burst it could serve (shared/gpu README §4).
+    admission bound refuses a burst it could serve (docs/gpu.md#cold-start-and-the-admission-bound).
     """
     width = max(8, min(256, max_length))
     rows = max(1, int(budget // padded_cost(1, width)))

@@ -2,7 +2,7 @@
 
 On a GPU the model's thread spends its time launching kernels with the GIL held; any other
 Python work in the same process (Celery's threads, JSON, tokenizing the next requests, writing
-results) waits for that GIL or makes the model wait for it (shared/gpu README §3: the service
+results) waits for that GIL or makes the model wait for it (docs/gpu.md#the-whole-service-on-the-h100: the service
 delivered 40-60 % of what its model does alone). So the worker keeps Celery and the tokenizer in
 its own process and runs only this in the child: a thread reading requests off the pipe and the
 model thread. Requests cross as packed arrays (a small header, int32 lengths and ids) and come

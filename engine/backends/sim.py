@@ -1,7 +1,7 @@
 """A simulated H100 (`DEVICE=sim`): see the GPU path's behaviour on a CPU-only machine.
 
 On the GPU the service is bound by Python launching kernels with the GIL held, not by the device
-(shared/gpu README). This backend reproduces exactly that, from the forward-pass timings measured
+(docs/gpu.md#measured-on-an-h100). This backend reproduces exactly that, from the forward-pass timings measured
 on an H100 (`h100_forward_timing.json`: torch 2.11, fp16, median of 5 passes per shape; `launch_ms`
 until the forward call returned, `total_ms` until the logits were on the CPU):
 for each batch it holds the GIL for the launch time (a busy Python loop, as the model's Python
@@ -40,9 +40,9 @@ from engine.backends.buckets import Buckets, pad_to
 log = logging.getLogger(__name__)
 
 TABLE = Path(__file__).with_name("h100_forward_timing.json")
-#: Launch time of a replayed graph (shared/gpu README §6: 0.8 ms for a whole 1 x 64 base pass).
+#: Launch time of a replayed graph (docs/gpu.md#cuda-graphs-on-the-h100: 0.8 ms for a whole 1 x 64 base pass).
 GRAPH_LAUNCH_MS = 0.2
-#: The shortest replayed pass, end to end, by profile (README §6, 1 x 64: base 0.79, large 1.58 ms).
+#: The shortest replayed pass, end to end, by profile (docs/gpu.md#cuda-graphs-on-the-h100, 1 x 64: base 0.79, large 1.58 ms).
 GRAPH_FLOOR_MS = {"base": 0.76, "large": 1.5, "v2-m3": 1.5}
 #: Which profile a model config is, by (hidden size, layers, position table).
 PROFILES = {(768, 12, 514): "base", (1024, 24, 514): "large", (1024, 24, 8194): "v2-m3",

@@ -86,14 +86,14 @@ class GemmaFlag:
 
 @pytest.fixture(scope="module")
 def qwen3_engine(qwen3_dir):
-    engine = Engine.start(EngineConfig(source=str(qwen3_dir), device="cpu"))
+    engine = Engine.start(EngineConfig(source=str(qwen3_dir), device="cpu", dtype="float32"))
     yield engine
     engine.stop()
 
 
 @pytest.fixture(scope="module")
 def gemma_engine(gemma_dir):
-    engine = Engine.start(EngineConfig(source=str(gemma_dir), device="cpu"))
+    engine = Engine.start(EngineConfig(source=str(gemma_dir), device="cpu", dtype="float32"))
     yield engine
     engine.stop()
 

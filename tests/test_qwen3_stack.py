@@ -28,6 +28,7 @@ DOCS = ["The worker holds the batch in memory.", "hi", "yes", sentence(random.Ra
 @pytest.fixture(scope="module")
 def qwen3_stack(qwen3_dir, redis_url, log_dir):
     env = base_env(REDIS_URL=redis_url, MODELS=f"qwen3rr={qwen3_dir}", ACCESS_TOKEN=",".join(TOKENS),
+                   DTYPE="float32",  # the reference path the model card is compared with
                    SYNC_TIMEOUT="20", MAX_DOCUMENTS="64", MAX_REQUEST_BYTES="262144", HEARTBEAT_INTERVAL="0.5",
                    WORKER_CONCURRENCY="4", MAX_CHUNKS="8", TORCH_THREADS="1", LOG_LEVEL="INFO")
     worker = start_worker("worker-qwen3", env, log_dir, "qwen3rr")
@@ -101,7 +102,7 @@ def test_chunked_long_document_scores_its_best_window(qwen3_stack, qwen3_dir, ca
     assert r.status_code == 200, r.text
     res = {x["index"]: x for x in r.json()["results"]}
     assert res[0]["chunks"] == 1 and res[1]["chunks"] >= 2
-    local = Engine.start(EngineConfig(source=str(qwen3_dir), device="cpu"))
+    local = Engine.start(EngineConfig(source=str(qwen3_dir), device="cpu", dtype="float32"))
     try:
         expected = local.score_pairs([(QUERY, "short")])[0]
         best = local.score(QUERY, [long_doc], DocumentPolicy(chunk_overlap=16, max_chunks=8)).logits[0]

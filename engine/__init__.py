@@ -8,10 +8,16 @@ The data path, in the order of the modules:
                realtime before bulk, longest items together, deadlines and cancels honoured
     backends   one padded batch -> logits: torch eager (CPU, CUDA), CUDA graph replay, and a
                simulated GPU for seeing the GPU path on a CPU machine
-    process    the batcher and its backend in a process of their own, so nothing else the
-               worker does (Celery, JSON, tokenizing) competes with the model for one GIL
-    engine     `Engine.score(query, documents, policy)`: the one entry point, used alike by
-               realtime calls, bulk pieces, benchmarks and tests
+    runtime    what an engine runs before it serves: the model loaded, warmed up, its
+               capacity measured
+    transport  feeders <-> engine over a Unix socket: packed arrays, several feeders per
+               engine, reconnection when a shared engine restarts
+    process    the batcher and its backend in a process of their own (a device's shared
+               engine, or a worker's own), so nothing else the workers do (Celery, JSON,
+               tokenizing) competes with the model for one GIL
+    engine     `Engine`: encode, run, merge (and `score`, the three in one call), in this
+               process or through an engine process, with the same results
+    errors     every error the engine raises, one type per layer
 
 The worker (worker/) wraps this in Celery; nothing here knows it exists.
 """
@@ -19,6 +25,7 @@ The worker (worker/) wraps this in Celery; nothing here knows it exists.
 from engine.batcher import BULK, REALTIME
 from engine.encoding import DocumentPolicy, Encoded, Encoder, InputTooLong
 from engine.engine import Engine, EngineConfig, Scores
+from engine.errors import EngineError, EngineFailed
 
-__all__ = ["BULK", "REALTIME", "DocumentPolicy", "Encoded", "Encoder", "Engine", "EngineConfig",
+__all__ = ["BULK", "REALTIME", "DocumentPolicy", "Encoded", "Encoder", "Engine", "EngineConfig", "EngineError", "EngineFailed",
            "InputTooLong", "Scores"]

@@ -24,7 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from engine.backends import Backend, OutOfMemory, PaddedBatch
+from engine.backends import Backend, PaddedBatch
+from engine.errors import Cancelled, EngineFailed, Expired, OutOfMemory  # noqa: F401  (Cancelled, Expired re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -40,13 +41,6 @@ WINDOW_PAIRS = 4096
 #: Width beyond which attention, quadratic in length, outweighs the rest of a forward pass.
 ATTENTION_KNEE = 512
 
-
-class Expired(Exception):
-    """The request's deadline passed before it was scored (its caller has given up)."""
-
-
-class Cancelled(Exception):
-    """The request was cancelled (its bulk job was cancelled)."""
 
 
 def padded_cost(rows: int, width: int) -> float:
@@ -187,7 +181,7 @@ class Batcher:
         if ticket.remaining:
             with self._cond:
                 if self._stopped:
-                    ticket.fail(RuntimeError("the engine is shutting down"))
+                    ticket.fail(EngineFailed("the engine is shutting down"))
                     return ticket
                 self._queues[priority].append(ticket)
                 self._cond.notify()
@@ -274,7 +268,7 @@ class Batcher:
                 if self._stopped:
                     for q in self._queues.values():
                         for ticket in q:
-                            ticket.fail(RuntimeError("the engine is shutting down"))
+                            ticket.fail(EngineFailed("the engine is shutting down"))
                         q.clear()
                     return False
                 batch = self._take()

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from engine.errors import InputTooLong  # noqa: F401  (re-exported: encoding raises it)
+
 log = logging.getLogger(__name__)
 
 #: No token of these tokenizers spans more characters than this. Text further than this many
@@ -34,10 +36,6 @@ CHARS_PER_TOKEN_BOUND = 32
 #: Tokens beyond the needed ones that must come out of a cut text for the cut to be trusted;
 #: otherwise (text of unusually long tokens) the whole text is tokenized.
 BOUND_MARGIN = 16
-
-
-class InputTooLong(ValueError):
-    """A pair is longer than max_length and truncation was refused (TEI's `truncate: false`)."""
 
 
 @dataclass(frozen=True)

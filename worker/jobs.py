@@ -13,7 +13,7 @@ import logging
 import numpy as np
 
 from engine import BULK, Encoded, Engine
-from engine.batcher import Cancelled
+from engine.errors import Cancelled, EngineFailed
 from shared import jobs as job_state
 from shared.ranking import ranked_results
 from shared.schemas import PieceTask, ScoreOptions
@@ -62,6 +62,8 @@ def _run_piece(ctx: WorkerContext, task: PieceTask) -> str:
         logits = handle.wait()
     except Cancelled:
         return "cancelled"
+    except EngineFailed:
+        raise  # the engine restarted: the piece goes back to its queue (worker/tasks.py), not failed
     except Exception as exc:  # a piece that cannot be scored is reported, not retried for ever
         log.exception("job %s piece %d failed", task.job_id, task.piece)
         message = f"{type(exc).__name__}: {exc}"

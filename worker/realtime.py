@@ -6,8 +6,7 @@ import logging
 import time
 
 from engine import REALTIME, DocumentPolicy, Engine, InputTooLong
-from engine.batcher import Expired
-from engine.process import EngineFailed
+from engine.errors import EngineFailed, Expired
 from shared import names
 from shared.schemas import ScoreOptions, ScoreReply, ScoreTask
 from worker.context import WorkerContext
@@ -51,7 +50,9 @@ def score_call(ctx: WorkerContext, task: ScoreTask) -> ScoreReply | None:
     except Expired:
         return None
     except EngineFailed as exc:
-        return ScoreReply(error=f"the worker lost its engine: {exc}", status=503)
+        # Its engine died (a shared one is restarted by the launcher and rejoined): a clear 503
+        # now beats a wait for the deadline; the caller may retry at once.
+        return ScoreReply(error=f"the model's engine restarted while scoring this call: {exc}", status=503)
     scores = Engine.merge(encoded, logits)
     log.info("scored %d pairs (%d tokens) in %.1f ms", encoded.pairs, encoded.tokens,
              (time.perf_counter() - started) * 1000)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 
 from shared.schemas import ScoreOptions
+from shared.workers import per_engine
 
 #: What the tokenizer turns one character into, before any worker has measured it.
 DEFAULT_CHARS_PER_TOKEN = 3.0
@@ -59,8 +60,9 @@ def chars_per_token(workers: list[dict]) -> float:
 
 
 def capacity(workers: list[dict]) -> float:
-    """Cost per second the live workers score at full batches (or faster, when measured so)."""
-    return sum(max(w.get("capacity") or 0.0, w.get("cost_per_second") or 0.0) for w in workers)
+    """Cost per second the live engines score at full batches (or faster, when measured so): an
+    engine fed by several workers counts once."""
+    return sum(max(e.get("capacity") or 0.0, e.get("cost_per_second") or 0.0) for e in per_engine(workers))
 
 
 def pending_limit(explicit: int | None, workers: list[dict], sync_timeout: float) -> float:

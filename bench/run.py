@@ -70,6 +70,15 @@ TARGETS_GPU = {
     "w5_429": ("<=", 0),
     "engine_cpu_us_per_pair_outside_forward": ("<=", 20.0),
 }
+#: Issue 21's (one engine per GPU, many feeders), on a GPU and on the simulated one.
+TARGETS_FEEDERS = {
+    "w2_path_cpu_us_per_pair": ("<=", 250.0),
+    "w2_service_over_ceiling": (">=", 0.9),
+    "w3_added_ms_p50": ("<=", 2.0),
+    "w3_service_over_naive": ("<=", 0.5),
+    "w2_n2_over_n1": (">=", 1.0),
+    "w3_n2_minus_n1_ms": ("<=", 0.5),
+}
 
 
 # --- inputs -------------------------------------------------------------------------------------
@@ -282,12 +291,15 @@ class Naive:
 
 
 class Service:
-    """This project end to end: gunicorn API, Redis, a Celery worker with its engine process."""
+    """This project end to end: gunicorn API, Redis, Celery workers and an engine process. With
+    `feeders`, as the launcher lays it out: one shared engine (`python -m engine`) fed by that many
+    workers over its socket; without, one worker with an engine (or the model) of its own."""
 
     def __init__(self, path: Path, log_dir: Path, device: str, name: str = "service",
-                 extra: dict[str, str] | None = None, warm: bool = True) -> None:
+                 extra: dict[str, str] | None = None, warm: bool = True, feeders: int | None = None) -> None:
         self.name = name
-        self.redis = self.worker = self.api = None
+        self.redis = self.worker = self.api = self.engine = None
+        self.feeders: list[Proc] = []
         try:
             self.redis, redis_url = start_redis(log_dir)
             env = base_env(**{"REDIS_URL": redis_url, "MODELS": f"bench={path}", "SYNC_TIMEOUT": "900",
@@ -296,7 +308,24 @@ class Service:
                               **(extra or {})})
             self.env = env
             self.started = time.perf_counter()
-            self.worker = start_worker(f"{name}-worker-{path.name}", env, log_dir, "bench")
+            if feeders:
+                self._sockets = tempfile.mkdtemp(prefix="rb-")
+                socket_path = os.path.join(self._sockets, "e.sock")
+                self.engine = Proc(f"{name}-engine-{path.name}", [sys.executable, "-m", "engine", "--model", "bench",
+                                                                  "--socket", socket_path], env, log_dir)
+                feeder_env = dict(env, ENGINE_SOCKET=socket_path)
+                self.feeders = [start_worker(f"{name}-feeder{n}-{path.name}", feeder_env, log_dir, "bench",
+                                             wait=False) for n in range(feeders)]
+                import redis as redis_lib
+
+                from shared.workers import WorkerRegistry
+
+                registry = WorkerRegistry(redis_lib.Redis.from_url(redis_url))
+                wait_for(lambda: len(registry.alive("bench", fresh=True)) == feeders, 300,
+                         f"{feeders} feeders of one engine", self.engine)
+                self.worker = self.feeders[0]
+            else:
+                self.worker = start_worker(f"{name}-worker-{path.name}", env, log_dir, "bench")
             self.api, self.url = start_api(f"{name}-api-{path.name}", env, log_dir)
             self.ready_after = time.perf_counter() - self.started
             self.call = http_caller(self.url)
@@ -311,13 +340,18 @@ class Service:
 
         from shared.workers import WorkerRegistry
 
-        (info,) = WorkerRegistry(redis_lib.Redis.from_url(self.env["REDIS_URL"])).alive("bench", fresh=True)
+        live = WorkerRegistry(redis_lib.Redis.from_url(self.env["REDIS_URL"])).alive("bench", fresh=True)
+        (info,) = [w for w in live if w["pid"] == self.worker.pid]
         return info
 
     def cpu(self) -> CPU:
+        """Per process group; with several feeders `worker` is all of them and `feederN` each one."""
         info = self.worker_info()
-        groups = {"api": [self.api.pid, *CPU.children(self.api.pid)], "worker": [self.worker.pid],
+        feeders = [p.pid for p in self.feeders] or [self.worker.pid]
+        groups = {"api": [self.api.pid, *CPU.children(self.api.pid)], "worker": feeders,
                   "redis": [self.redis.pid]}
+        if len(feeders) > 1:
+            groups.update({f"feeder{n}": [pid] for n, pid in enumerate(feeders)})
         if info.get("engine_pid") and info["engine_pid"] != self.worker.pid:
             groups["engine"] = [info["engine_pid"]]
         return CPU(groups)
@@ -360,9 +394,11 @@ class Service:
         return out
 
     def close(self) -> None:
-        for proc in (self.api, self.worker, self.redis):
+        for proc in (self.api, *(self.feeders or [self.worker]), self.engine, self.redis):
             if proc is not None:
                 proc.stop()
+        if self.engine is not None:
+            shutil.rmtree(self._sockets, ignore_errors=True)
 
 
 def cpu_per_pair(service: Service, run: Callable[[], Timing]) -> tuple[Timing, dict[str, float]]:
@@ -376,6 +412,8 @@ def cpu_per_pair(service: Service, run: Callable[[], Timing]) -> tuple[Timing, d
     after, counters_after = cpu.snapshot(), service.model_counters(after=time.time())
     pairs = max(timing.pairs, 1)
     out = {f"{name}_us_per_pair": (after[name] - before[name]) * 1e6 / pairs for name in before}
+    # Issue 21's figure: the serving path's CPU around the model (API + feeders + Redis).
+    out["path_us_per_pair"] = sum(out[f"{k}_us_per_pair"] for k in ("api", "worker", "redis"))
     if "engine" in before and service.env["DEVICE"] != "cpu":
         forward = counters_after["forward_cpu"] - counters["forward_cpu"]
         out["engine_outside_forward_us_per_pair"] = ((after["engine"] - before["engine"]) - forward) * 1e6 / pairs
@@ -387,14 +425,22 @@ def measure(path: Path, w: Workloads, only: set[str], log_dir: Path, args) -> di
     gpu = args.device != "cpu"
     out: dict[str, dict] = {"ceiling": {}, "naive": {}, "before": {}, "service": {}}
     naive = Naive(path, log_dir, args.device) if only & {"w1", "w2", "w3"} else None
-    service = Service(path, log_dir, args.device)
+    counts = [int(n) for n in str(args.feeders).split(",")]
+    service = Service(path, log_dir, args.device, feeders=counts[0] or None)
+    more = [Service(path, log_dir, args.device, name=f"service_n{n}", feeders=n) for n in counts[1:]]
+    for extra in more:
+        out[extra.name] = {}
     before = (Service(path, log_dir, args.device, name="before", extra={"ENGINE_PROCESS": "false",
                                                                            "CUDA_GRAPHS": "off"})
               if gpu and args.before else None)
     ceiling = Ceiling(path, args.device, pretokenized=gpu)
     ceiling.call("warm", ["up"])
-    services = [s for s in (service, before) if s is not None]
+    services = [s for s in (service, before, *more) if s is not None]
     systems = [s for s in (ceiling, naive, *services) if s is not None]
+    for system in services:  # the weights are loaded once per engine, whatever the feeders
+        info = system.worker_info()
+        out[system.name]["engine"] = {"feeders": len(system.feeders) or 1, "memory_mib": info.get("engine_memory_mib"),
+                                      "shared": info.get("engine_shared"), "pid": info.get("engine_pid")}
     try:
         if "w1" in only:
             print("  W1 …", flush=True)
@@ -546,6 +592,13 @@ def ratios(r: dict) -> dict[str, float]:
     if "w5" in s:
         out["w5_429"] = s["w5"]["429"]
     cpu = s.get("w2", {}).get("cpu", {})
+    if "path_us_per_pair" in cpu:
+        out["w2_path_cpu_us_per_pair"] = cpu["path_us_per_pair"]
+    n2 = r.get("service_n2", {})
+    if "w2" in n2 and "w2" in s:
+        out["w2_n2_over_n1"] = n2["w2"]["pairs_per_s"] / s["w2"]["pairs_per_s"]
+    if "w3" in n2 and "w3" in s:
+        out["w3_n2_minus_n1_ms"] = n2["w3"]["p50_ms"] - s["w3"]["p50_ms"]
     if "engine_outside_forward_us_per_pair" in cpu:
         out["engine_cpu_us_per_pair_outside_forward"] = cpu["engine_outside_forward_us_per_pair"]
     return out
@@ -554,8 +607,9 @@ def ratios(r: dict) -> dict[str, float]:
 def table(report: dict) -> str:
     r = report["results"]
     gpu = report["device"] != "cpu"
-    targets = TARGETS_GPU if gpu else TARGETS_CPU
+    targets = {**TARGETS_GPU, **TARGETS_FEEDERS} if gpu else TARGETS_CPU
     systems = ["ceiling", "naive", "before", "service"] if gpu else ["ceiling", "naive", "service"]
+    systems += sorted(name for name in r if name.startswith("service_n"))
     rows = [("workload", "metric", *systems, "ratio", "target", "met")]
 
     def fig(system: str, wl: str, key: str) -> str:
@@ -589,6 +643,9 @@ def table(report: dict) -> str:
         add("w4", "  (before / ceiling)", "", "w4_before_over_ceiling")
         add("w5", "429 answers, cold burst", "429", "w5_429")
         add("cpu", "engine µs/pair outside fwd", "", "engine_cpu_us_per_pair_outside_forward")
+    add("cpu", "W2 API+feeders+Redis µs/pair", "", "w2_path_cpu_us_per_pair")
+    add("w2", "  (N=2 feeders / N=1)", "", "w2_n2_over_n1")
+    add("w3", "  (N=2 feeders − N=1, ms)", "", "w3_n2_minus_n1_ms")
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
     lines = [" | ".join(str(v).ljust(wd) for v, wd in zip(row, widths)) for row in rows]
     lines.insert(1, "-+-".join("-" * wd for wd in widths))
@@ -619,11 +676,16 @@ def table(report: dict) -> str:
                 f"({prof['pairs_per_model_second'] / ceil4:.2f} x the ceiling's {ceil4:.1f}); "
                 f"{100 * prof['real_over_padded_tokens']:.0f} % of its computed tokens were real.")
     for wl in ("w2", "w4"):
-        for name in ("before", "service"):
+        for name in ("before", "service", *sorted(n for n in r if n.startswith("service_n"))):
             cpu = r.get(name, {}).get(wl, {}).get("cpu")
             if cpu:
                 parts = ", ".join(f"{k.removesuffix('_us_per_pair').replace('_', ' ')} {v:.0f}" for k, v in cpu.items())
                 lines.append(f"CPU µs per pair, {wl.upper()} ({name}): {parts}")
+    for name in ("service", *sorted(n for n in r if n.startswith("service_n"))):
+        eng = r.get(name, {}).get("engine")
+        if eng:
+            lines.append(f"Engine ({name}): one process, {eng['feeders']} feeder(s), "
+                         f"{eng['memory_mib'] or 0:.0f} MiB resident when ready")
     w5 = r.get("service", {}).get("w5")
     if w5:
         lines.append(f"W5: ready {w5['ready_after_s']:.1f} s after start; {w5['calls']} calls right after: {w5['statuses']}")
@@ -653,6 +715,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", help="cpu, cuda, or sim (a simulated H100)")
     parser.add_argument("--before", action=argparse.BooleanOptionalAction, default=True,
                         help="GPU/sim: also run the pre-engine layout (ENGINE_PROCESS=false CUDA_GRAPHS=off)")
+    parser.add_argument("--feeders", default="1",
+                        help="workers feeding the service's one engine; a list (1,2) adds a column per further "
+                             "count (service_n2 …); 0: one worker with an engine of its own")
     parser.add_argument("--w1-reps", type=int, default=5)
     parser.add_argument("--repeat", type=int, default=3, help="W2 and W3 turns per system; the best counts")
     parser.add_argument("--w2-clients", type=int)
@@ -686,12 +751,12 @@ def main(argv: list[str] | None = None) -> int:
         if "w1" in only:
             print(f"W1 on {args.w1_arch} …", flush=True)
             for name, figures in measure(model_dir(args.w1_arch, weights), w, {"w1"}, log_dir, args).items():
-                results[name].update(figures)
+                results.setdefault(name, {}).update(figures)
         rest = only & {"w2", "w3", "w4", "w5"}
         if rest:
             print(f"{', '.join(sorted(rest)).upper()} on {args.arch} …", flush=True)
             for name, figures in measure(small, w, rest, log_dir, args).items():
-                results[name].update(figures)
+                results.setdefault(name, {}).update(figures)
     except BaseException:
         print(f"the run failed: its logs are kept in {log_dir}", flush=True)
         raise

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from celery import Celery
 
+from shared.kombu_clients import reuse_redis_clients
 from shared.settings import Settings
 
 
 def make_celery(settings: Settings, main: str) -> Celery:
+    reuse_redis_clients()  # shared/kombu_clients.py: one redis-py client per channel, not per operation
     app = Celery(main, broker=settings.broker_url, set_as_current=False)
     app.conf.update(
         task_serializer="json",

@@ -315,9 +315,22 @@ class ReadyResponse(BaseModel):
     status: str = Field(description="ready or unavailable")
     redis: str = Field(
         description="ok, unreachable, cannot_write (disk full), out_of_memory, read_only or refused")
-    models: dict[str, dict[str, int]] = Field(description="Live workers per served model.")
+    models: dict[str, dict[str, int]] = Field(
+        description="Per served model: its live workers (feeders) and the engines they feed.")
     missing: list[str]
     detail: str | None = omitted_if_none("When unavailable: what is missing, in words (as on every error).")
+
+
+class EngineCard(BaseModel):
+    """One engine process (a device's batcher and copy of the weights) and the workers feeding it."""
+
+    id: str
+    device: str
+    feeders: int = Field(description="Live worker processes feeding this engine.")
+    pid: int | None = None
+    host: str | None = None
+    memory_mib: float | None = Field(default=None, description="The engine process's resident memory when ready.")
+    shared: bool = Field(default=False, description="A device's shared engine (the launcher's), not a worker's own.")
 
 
 class ModelCard(BaseModel):
@@ -326,6 +339,7 @@ class ModelCard(BaseModel):
     source: str = Field(description="Hugging Face id or folder the weights come from.")
     max_length: int
     workers: int = Field(description="Live workers (from their heartbeats).")
+    engines: list[EngineCard] = Field(default_factory=list, description="The engines those workers feed.")
     devices: list[str]
     dtypes: list[str]
     pairs_per_second: float | None = Field(description="Measured pace of the live workers together.")

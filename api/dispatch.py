@@ -116,6 +116,10 @@ class Dispatcher:
             # Celery would render the documents with saferepr for its logs on every call.
             argsrepr=f"<{len(task.documents)} documents>",
             kwargsrepr="{}",
+            # The workers declare the queues they consume, and a message for the default exchange
+            # goes straight onto the queue's list: kombu's declaration on every publish (a copy of
+            # the Queue object, before its cache is even asked) took 16 % of the API's CPU in W2.
+            declare=[],
         )
         key = names.reply_key(task.call_id)
         while True:

@@ -7,7 +7,7 @@ bound is refused at once (429 + Retry-After) instead of waiting in a queue it ca
 before its timeout. The ledger itself is shared/pending.py.
 
 The bound is what the live workers can score within SYNC_TIMEOUT at full batches: each worker
-measures that capacity while it warms up (engine.engine.measure_capacity), before its first
+measures that capacity while it warms up (engine.runtime.measure_capacity), before its first
 request, so a burst right after start is not refused for want of a measured pace.
 """
 

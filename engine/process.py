@@ -7,8 +7,8 @@ its model did alone when they shared one). So the engine process runs only the m
 one thread per connected feeder, reading requests off a Unix socket (engine/transport.py).
 
 Two ways to run it:
-- shared (`python -m engine --model NAME --socket PATH`, started by the launcher once per model
-  and device): it serves every feeder that connects, until SIGTERM. If it dies, the launcher
+- shared (`python -m engine --model NAME --socket PATH`, engine/__main__.py, started by the
+  launcher once per model and device): it serves every feeder that connects, until SIGTERM. If it dies, the launcher
   starts it again and the feeders reconnect.
 - a worker's own (`EngineProcess`, when no ENGINE_SOCKET is given): started by the worker on a
   private socket, it serves that worker alone, ignores SIGTERM/SIGINT (the worker's graceful
@@ -17,7 +17,6 @@ Two ways to run it:
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
@@ -60,7 +59,7 @@ class EngineProcess(EngineClient):
         # A fresh interpreter running only engine code (not the worker's __main__, as
         # multiprocessing's spawn would import): no Celery, no inherited threads or CUDA state.
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "engine.process", "--socket", self.path, "--single",
+            [sys.executable, "-m", "engine", "--socket", self.path, "--single",
              "--config", json.dumps(dataclasses.asdict(self.config))],
             preexec_fn=lambda: die_with_parent(signal.SIGKILL, ignore_stop_signals=True),
         )
@@ -127,19 +126,3 @@ def _unlink(path: str) -> None:
         os.unlink(path)
     except OSError:
         pass
-
-
-def main(argv: list[str] | None = None) -> None:
-    """`python -m engine.process --socket PATH --config JSON [--single]` (EngineConfig as JSON)."""
-    from engine.engine import EngineConfig
-
-    parser = argparse.ArgumentParser(prog="python -m engine.process")
-    parser.add_argument("--socket", required=True)
-    parser.add_argument("--config", required=True, help="EngineConfig as JSON")
-    parser.add_argument("--single", action="store_true", help="serve one feeder, end when it leaves")
-    args = parser.parse_args(argv)
-    sys.exit(serve(EngineConfig(**json.loads(args.config)), args.socket, single=args.single))
-
-
-if __name__ == "__main__":
-    main()

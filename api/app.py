@@ -16,6 +16,7 @@ from flask import Flask, current_app, g, request
 from kombu.exceptions import OperationalError
 
 from api import metrics
+from api.admission import pending_limit
 from api.auth import needs_token, require_token
 from api.dispatch import Dispatcher, redis_error
 from api.errors import error_response, register_error_handlers
@@ -30,16 +31,20 @@ log = logging.getLogger("api")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
-def create_app(settings: Settings | None = None) -> Flask:
+def create_app(settings: Settings | None = None, dispatcher: Dispatcher | None = None) -> Flask:
+    """The API. `dispatcher` (default: one built from `settings`) is what scores a call; the
+    tests hand it one that answers in-process, to check validation, auth and error shapes
+    without Redis or a worker (tests/fakes.py)."""
     settings = settings or get_settings()
     app = Flask(__name__, static_folder=None)
     app.config.update(SETTINGS=settings, MAX_CONTENT_LENGTH=settings.max_request_bytes)
     app.json.sort_keys = False  # keep fields in the order of the response models
     app.json.ensure_ascii = False  # Chinese documents come back readable and smaller
-    dispatcher = Dispatcher(settings)
+    dispatcher = dispatcher or Dispatcher(settings)
     app.extensions["dispatcher"] = dispatcher
     app.extensions["jobs"] = JobService(settings, dispatcher.redis, dispatcher.celery, dispatcher.workers)
-    app.extensions["cluster_metrics"] = ClusterCollector(dispatcher.redis, settings)
+    app.extensions["cluster_metrics"] = ClusterCollector(dispatcher.redis, settings, limit=lambda alive: pending_limit(
+        settings.max_pending_tokens, alive, settings.sync_timeout))
 
     register_error_handlers(app)
 

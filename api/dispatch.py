@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from dataclasses import dataclass
 from datetime import datetime, timezone
 
 import redis
@@ -19,10 +18,10 @@ from kombu.exceptions import OperationalError
 
 from api.admission import chars_per_token, estimate_cost, pending_limit, retry_after
 from api.errors import ApiError
-from shared import names, redis_state
+from shared import names, redis_client, redis_state
 from shared.celery_config import make_celery
 from shared.pending import PendingWork
-from shared.schemas import ScoreOptions, ScoreReply, ScoreTask
+from shared.schemas import Failure, ScoreOptions, Scored, ScoreReply, ScoreTask
 from shared.settings import ModelSpec, Settings
 from shared.workers import WorkerRegistry
 
@@ -30,14 +29,6 @@ log = logging.getLogger(__name__)
 
 #: How often a waiting call checks that some worker is still alive for its model.
 LIVENESS_CHECK_SECONDS = 1.0
-
-
-@dataclass
-class Scored:
-    logits: list[float]
-    input_tokens: int
-    chunks: list[int] | None = None
-    truncated: list[bool] | None = None
 
 
 def redis_error(exc: BaseException) -> ApiError:
@@ -52,8 +43,8 @@ class Dispatcher:
         self.settings = settings
         self.celery = make_celery(settings, "rerank-api")
         # BLPOP holds a connection while it waits, so the socket timeout must outlast one wait.
-        self.redis = redis.Redis.from_url(
-            settings.broker_url,
+        self.redis = redis_client.connect(
+            settings,
             socket_connect_timeout=2,
             socket_timeout=LIVENESS_CHECK_SECONDS + 5,
             health_check_interval=30,
@@ -80,6 +71,7 @@ class Dispatcher:
     def _score(self, model: ModelSpec, query: str, documents: list[str], request_id: str,
                options: ScoreOptions) -> Scored:
         workers = self._require_worker(model)
+        check_instruction(model, options, workers)
         now = time.time()
         deadline = now + self.settings.sync_timeout
         call_id = f"{request_id}.{uuid.uuid4().hex[:12]}"  # the worker's log lines carry the request id
@@ -87,6 +79,7 @@ class Dispatcher:
         cost = estimate_cost(query, documents, options, max_length=model.max_length,
                              chars_per_token=chars_per_token(workers), max_chunks=self.settings.max_chunks)
         verdict = self.pending.admit(model.name, call_id, cost, deadline, now, limit)
+        master = redis_client.master_address(self.redis)  # Sentinel: where the call was recorded
         if not verdict.admitted:
             raise ApiError(
                 429,
@@ -97,7 +90,7 @@ class Dispatcher:
         task = ScoreTask(call_id=call_id, request_id=request_id, query=query, documents=documents,
                          deadline=deadline, options=options)
         try:
-            return self._send_and_wait(model, task)  # the worker released the call with its answer
+            return self._send_and_wait(model, task, master)  # the worker released the call with its answer
         except BaseException:
             try:
                 self.pending.release(model.name, call_id)
@@ -105,7 +98,7 @@ class Dispatcher:
                 pass  # the entry expires at its deadline anyway
             raise
 
-    def _send_and_wait(self, model: ModelSpec, task: ScoreTask) -> Scored:
+    def _send_and_wait(self, model: ModelSpec, task: ScoreTask, master: tuple[str, int] | None = None) -> Scored:
         deadline = task.deadline
         self.celery.send_task(
             names.RERANK_TASK,
@@ -131,11 +124,30 @@ class Dispatcher:
             item = self.redis.blpop([key], timeout=min(LIVENESS_CHECK_SECONDS, left))
             if item is not None:
                 return self._unpack(ScoreReply.model_validate_json(item[1]))
+            if master is not None and redis_client.master_address(self.redis) != master:
+                # Sentinel promoted a replica meanwhile: the task or its answer may have been written
+                # to the old master only (replication is asynchronous), so this wait could be in vain.
+                raise ApiError(503, "Redis failed over to a new primary while this call waited; send it again")
             self._require_worker(model, fresh=True)
 
     @staticmethod
     def _unpack(reply: ScoreReply) -> Scored:
-        if reply.error is not None or reply.logits is None:
-            raise ApiError(reply.status or 500, reply.error or "worker returned no scores")
-        return Scored(logits=reply.logits, input_tokens=reply.input_tokens, chunks=reply.chunks,
-                      truncated=reply.truncated)
+        if reply.failure is not None:
+            raise ApiError.of_failure(reply.failure)
+        if reply.scored is None:
+            raise ApiError(500, "worker returned no scores")
+        return reply.scored
+
+
+def check_instruction(model: ModelSpec, options: ScoreOptions, workers: list[dict]) -> None:
+    """Refuse an instruction at once (422) when the live workers' heartbeats say the model's
+    family takes none; workers that do not say (an older heartbeat) leave it to the worker,
+    which refuses it the same way (worker/scoring.py)."""
+    if options.instruction is None or not workers:
+        return
+    if all(w.get("instruction") is False for w in workers):
+        raise ApiError.of_failure(Failure(kind="instruction_not_accepted", message=instruction_refused(model.name)))
+
+
+def instruction_refused(model: str) -> str:
+    return f"model {model!r} takes no instruction (only LLM rerankers such as Qwen3-Reranker do); leave it out"

@@ -15,21 +15,35 @@ from flask import Flask, Response
 from werkzeug.exceptions import HTTPException
 
 from api.answers import answer
-from shared.schemas import ErrorResponse
+from shared.schemas import ErrorResponse, Failure
 
 log = logging.getLogger(__name__)
 
-_TYPES = {
-    400: "invalid_json",
-    401: "unauthorized",
-    404: "not_found",
-    405: "method_not_allowed",
-    413: "payload_too_large",
-    415: "unsupported_media_type",
-    422: "validation",
-    429: "overloaded",
-    503: "unavailable",
-    504: "timeout",
+#: Each status we answer: our error_type, and TEI's (status, error_type) for `POST /rerank` with
+#: `texts` (TEI answers a scoring failure 424 and names its kinds Validation, Overloaded, ...).
+#: The one table of statuses: routes raise ApiError with a status, workers report a Failure
+#: whose kind FAILURE_STATUS turns into one.
+STATUSES: dict[int, tuple[str, tuple[int, str]]] = {
+    400: ("invalid_json", (422, "Validation")),
+    401: ("unauthorized", (401, "Unauthorized")),
+    404: ("not_found", (422, "Validation")),
+    405: ("method_not_allowed", (405, "Validation")),
+    408: ("timeout", (408, "Validation")),
+    413: ("payload_too_large", (413, "Validation")),
+    415: ("unsupported_media_type", (415, "Validation")),
+    422: ("validation", (422, "Validation")),
+    429: ("overloaded", (429, "Overloaded")),
+    500: ("error", (424, "Backend")),
+    503: ("unavailable", (503, "Unhealthy")),
+    504: ("timeout", (424, "Backend")),
+}
+
+#: A worker's Failure kind (shared/schemas.py) -> our status, and the field it is about.
+FAILURE_STATUS: dict[str, tuple[int, str | None]] = {
+    "input_too_long": (413, None),  # TEI's truncate: false and a text that does not fit
+    "instruction_not_accepted": (422, "instruction"),  # the model's family takes no instruction
+    "engine_lost": (503, None),  # the worker's engine process died; the worker restarts
+    "scoring_failed": (500, None),
 }
 
 
@@ -46,15 +60,25 @@ class ApiError(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
-        self.error_type = error_type or _TYPES.get(status, "error")
+        self.error_type = error_type or STATUSES.get(status, ("error", None))[0]
         self.fields = fields
         self.headers = headers or {}
 
 
-def error_response(error: ApiError, *, status: int | None = None, error_type: str | None = None) -> Response:
-    """The answer for `error`; a route speaking another format (TEI) may restate status and type."""
-    body = ErrorResponse.of(error.message, error_type or error.error_type, error.fields)
-    return answer(body, status or error.status, error.headers)
+    @classmethod
+    def of_failure(cls, failure: Failure) -> ApiError:
+        """The error a worker's Failure is to the client."""
+        status, field = FAILURE_STATUS.get(failure.kind, (500, None))
+        fields = [{"field": field, "message": failure.message}] if field else None
+        return cls(status, failure.message, fields=fields)
+
+
+def error_response(error: ApiError, *, tei: bool = False) -> Response:
+    """The answer for `error`; in TEI's statuses and type names for a route speaking TEI's format."""
+    status, error_type = error.status, error.error_type
+    if tei:
+        status, error_type = STATUSES.get(error.status, ("error", (error.status, "Backend")))[1]
+    return answer(ErrorResponse.of(error.message, error_type, error.fields), status, error.headers)
 
 
 def register_error_handlers(app: Flask) -> None:

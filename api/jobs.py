@@ -29,12 +29,13 @@ import redis
 from celery import Celery
 
 from api import job_results
+from api.dispatch import check_instruction
 from api.errors import ApiError
 from api.job_inputs import Entry, Truncated
-from shared import names
+from shared import names, redis_client
 from shared.feed import Feeder
 from shared.jobs import Job, JobStore, Refusal, new_job_id, owner_of
-from shared.schemas import JobItem, JobOptions, RerankRequest
+from shared.schemas import JobItem, ScoreOptions
 from shared.settings import ModelSpec, Settings
 from shared.storage import JobStorage
 from shared.workers import WorkerRegistry, per_engine
@@ -134,13 +135,14 @@ class JobService:
         return int(min(max(max(paces) * PIECE_SECONDS, PIECE_PAIRS_MIN), PIECE_PAIRS_MAX))
 
     def create_from_items(self, model: ModelSpec, items: Iterable[tuple[str, JobItem]], *, owner: str,
-                          options: JobOptions | RerankRequest) -> Job:
+                          options: ScoreOptions) -> Job:
         return self.create(model, lambda: ((w, i, None) for w, i in items), owner=owner, options=options)
 
     def create(self, model: ModelSpec, entries: Callable[[], Iterable[Entry]], *, owner: str,
-               options: JobOptions | RerankRequest, expected_bytes: int | None = None) -> Job:
+               options: ScoreOptions, expected_bytes: int | None = None) -> Job:
         """Store and queue a job. `entries` is called once the job is admitted (a body is not
         read for a job refused by a limit); `expected_bytes` is the upload's announced size."""
+        check_instruction(model, options, self.workers.alive(model.name))
         self._maybe_sweep()
         self.keep_feeding()
         job_id = new_job_id()
@@ -166,7 +168,7 @@ class JobService:
             raise
 
     def _store_and_queue(self, job_id: str, model: ModelSpec, entries: Callable[[], Iterable[Entry]],
-                         owner: str, options: JobOptions | RerankRequest, expected_bytes: int | None) -> Job:
+                         owner: str, options: ScoreOptions, expected_bytes: int | None) -> Job:
         created = time.time()
         self.storage.write_bytes(self.storage.marker_path(job_id), json.dumps({"created_at": created}).encode())
         before = self._stored_before(job_id, owner)
@@ -200,12 +202,16 @@ class JobService:
         self.storage.write_bytes(self.storage.index_path(job_id), json.dumps(cutter.piece_starts).encode())
         job = Job(id=job_id, model=model.name, status="queued", owner=owner, items_total=cutter.items,
                   pairs_total=cutter.pairs, pieces_total=cutter.pieces, created_at=created,
-                  input_bytes=cutter.bytes_stored, return_documents=options.return_documents,
-                  raw_scores=options.raw_scores, return_chunks=options.return_chunks,
-                  options=options.score_options().model_dump_json())
-        if not self.store.accept(job):
+                  input_bytes=cutter.bytes_stored, options=options.model_dump_json())
+        replicas = redis_client.replicas_to_wait_for(self.settings)
+        accepted, held_by = self.store.accept(job, replicas, self.settings.redis_wait_timeout)
+        if not accepted:
             raise ApiError(503, "the job's upload state was lost (Redis restarted, or the upload stalled "
                            "too long); send it again", error_type="unavailable")
+        if held_by < replicas:  # a failover now could lose it: refuse it rather than send a 202
+            raise ApiError(503, f"the job reached {held_by} of the {replicas} Redis replica(s) it must be on "
+                           f"within {self.settings.redis_wait_timeout:g}s (REDIS_MIN_REPLICAS); nothing was "
+                           "queued, send it again", error_type="unavailable")
         try:
             self.feeder.feed(model.name)
         except (redis.RedisError, OSError) as exc:  # accepted already: the next feed catches up
@@ -266,7 +272,7 @@ class JobService:
         whose sender died before it reached the broker is handed out again even when no worker is
         ending pieces (shared/feed.py)."""
         try:
-            if self.redis.set(f"{names.feed_keys(model)[2]}:api", "1", nx=True, ex=FEED_EVERY_SECONDS):
+            if self.redis.set(names.feed_topup_key(model), "1", nx=True, ex=FEED_EVERY_SECONDS):
                 self.feeder.feed(model)
         except (redis.RedisError, OSError) as exc:
             log.warning("could not top up the bulk pieces of %s: %s", model, exc)

@@ -6,15 +6,16 @@ Needs only torch and transformers (no Redis, no server):
     python -m bench.gpu --archs base --dtypes float16 --shapes   # + eager vs CUDA-graph pass by shape
     python -m bench.gpu --quick --device cpu              # a smoke run of the script itself, anywhere
 
-Random-weight models of the exact bge-reranker configs (CONTRACT §5) are saved to a temporary
-folder and loaded through the engine's own backends. "Model alone" is pre-tokenized pairs of
-exactly L tokens through the engine's batcher as one request (a global length sort under the
-token budget) on the best backend (CUDA graphs where a batch fits a bucket, eager otherwise); the
-same pairs sent as many concurrent requests through the batcher are reported beside it.
-`--shapes` times single forward passes (launch: until the call returned; total: until the logits
-were on the CPU) for eager and replayed passes, in the format of shared/gpu/h100-forward-timing.json
-(the table `DEVICE=sim` replays). Utilisation = achieved model FLOP/s over 790 TFLOP/s (CONTRACT
-§6), counting 2 x non-embedding parameters per token plus 4 x layers x L^2 x hidden per pair.
+Random-weight models of the exact bge-reranker configs (docs/reference-scoring.md, "The three
+checkpoints") are saved to a temporary folder and loaded through the engine's own backends. "Model
+alone" is pre-tokenized pairs of exactly L tokens through the engine's batcher as one request (a
+global length sort under the token budget) on the best backend (CUDA graphs where a batch fits a
+bucket, eager otherwise); the same pairs sent as many concurrent requests through the batcher are
+reported beside it. `--shapes` times single forward passes (launch: until the call returned; total:
+until the logits were on the CPU) for eager and replayed passes, in the format of
+engine/backends/h100_forward_timing.json (the table `DEVICE=sim` replays). Utilisation = achieved
+model FLOP/s over 790 TFLOP/s (docs/gpu.md, "Peak arithmetic"), counting 2 x non-embedding
+parameters per token plus 4 x layers x L^2 x hidden per pair.
 """
 
 from __future__ import annotations

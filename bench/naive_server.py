@@ -1,5 +1,5 @@
 """FastGPT's original bge-rerank server's way of scoring, as a baseline: one request at a time,
-no cross-request batching, each request's pairs in unsorted batches of 256 (CONTRACT §2), eager
+no cross-request batching, each request's pairs in unsorted batches of 256 (docs/reference-scoring.md, FastGPT's own server), eager
 forward passes.
 
     MODEL_DIR=… DEVICE=cuda|cpu|sim gunicorn -w 1 -k sync 'bench.naive_server:create_app()'

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import redis
 
+from shared import redis_client
 from shared.lifecycle import EXIT_MODEL_FAILED, die_with_parent
 from shared.settings import Settings
 from shared.workers import WorkerRegistry
@@ -252,7 +253,7 @@ class Stack:
         return f"redis://127.0.0.1:{port}/0"
 
     def _wait_for_redis(self, url: str, timeout: float = 20) -> None:
-        client = redis.Redis.from_url(url, socket_connect_timeout=1)
+        client = redis_client.connect(self.settings, url, socket_connect_timeout=1, socket_timeout=2)
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -264,7 +265,7 @@ class Stack:
                 time.sleep(0.1)
 
     def _wait_until_ready(self, redis_url: str) -> None:
-        registry = WorkerRegistry(redis.Redis.from_url(redis_url))
+        registry = WorkerRegistry(redis_client.connect(self.settings, redis_url))
         health = f"http://127.0.0.1:{self.settings.port}/health"
         waiting = {spec.name for spec in self.settings.served_models if not self.models or spec.name in self.models}
         api_up = not self.with_api

@@ -2,8 +2,8 @@
 
 No machine here can download weights, and speed depends on the architecture, not on the weights.
 So tests and benchmarks build XLM-RoBERTa sequence classifiers with the exact bge-reranker configs
-(CONTRACT §5) or small ones, with a SentencePiece-style Unigram tokenizer trained on the spot,
-and save them with `save_pretrained`: the service then loads them through its real code path.
+(docs/reference-scoring.md, "The three checkpoints") or small ones, with a SentencePiece-style
+Unigram tokenizer trained on the spot, and save them with `save_pretrained`: the service then loads them through its real code path.
 
     python -m rerank make-model /tmp/tiny-reranker --arch tiny
 """

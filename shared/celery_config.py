@@ -9,13 +9,15 @@ from __future__ import annotations
 
 from celery import Celery
 
+from shared import redis_client
 from shared.kombu_clients import reuse_redis_clients
 from shared.settings import Settings
 
 
 def make_celery(settings: Settings, main: str) -> Celery:
     reuse_redis_clients()  # shared/kombu_clients.py: one redis-py client per channel, not per operation
-    app = Celery(main, broker=settings.broker_url, set_as_current=False)
+    broker_url, sentinel_options = redis_client.broker(settings)  # REDIS_URL=sentinel://…: kombu's form
+    app = Celery(main, broker=broker_url, set_as_current=False)
     app.conf.update(
         task_serializer="json",
         accept_content=["json"],
@@ -49,6 +51,7 @@ def make_celery(settings: Settings, main: str) -> Celery:
             # BRPOP waits at most this long, so work queued for the consumer's own thread (the
             # bulk gate re-opening the bulk queue) waits at most 0.1 s, not 1 s. Redis >= 6.
             "polling_interval": 0.1,
+            **sentinel_options,
         },
         worker_hijack_root_logger=False,
         worker_redirect_stdouts=False,

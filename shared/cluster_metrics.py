@@ -1,24 +1,34 @@
-"""The part of /metrics that lives in Redis: queues, pending work, live workers and the metric
-snapshots the workers publish with their heartbeats. Read at scrape time by the API.
+"""The part of /metrics that lives in Redis: queues, pending work and its bound, live workers, bulk
+work in flight, whether Redis takes writes, and the metric snapshots the workers publish with
+their heartbeats. Read at scrape time by the API; deploy/grafana and deploy/prometheus read these.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
 import redis
 from prometheus_client.core import GaugeMetricFamily, Metric
 
-from shared import names
+from shared import names, redis_state
 from shared.settings import Settings
 from shared.workers import WorkerRegistry
 
 
+#: Every state shared/redis_state.py can name: each is a series of rerank_redis_state (0 or 1).
+REDIS_STATES = (redis_state.OK, redis_state.UNREACHABLE, redis_state.CANNOT_WRITE, redis_state.OUT_OF_MEMORY,
+                redis_state.READ_ONLY, redis_state.REFUSED, redis_state.FAILING_OVER)
+
+
 class ClusterCollector:
-    def __init__(self, client: redis.Redis, settings: Settings) -> None:
+    def __init__(self, client: redis.Redis, settings: Settings,
+                 limit: Callable[[list[dict]], float] | None = None) -> None:
+        """`limit`: the admission bound (pending padded tokens) for a model's live workers."""
         self._redis = client
         self._settings = settings
         self._workers = WorkerRegistry(client)
+        self._limit = limit
 
     def collect(self):
         models = [spec.name for spec in self._settings.served_models]
@@ -26,19 +36,42 @@ class ClusterCollector:
         depth = GaugeMetricFamily("rerank_queue_depth", "Tasks waiting in a queue", labels=["model", "queue"])
         pending = GaugeMetricFamily("rerank_pending_tokens",
                                     "Realtime work admitted, not yet answered (padded tokens)", labels=["model"])
+        bound = GaugeMetricFamily("rerank_pending_tokens_limit",
+                                  "The bound on rerank_pending_tokens past which calls get 429 (+Inf: none yet)",
+                                  labels=["model"])
+        in_flight = GaugeMetricFamily("rerank_job_pieces_in_flight",
+                                      "Bulk job pieces handed to the workers and not yet ended", labels=["model"])
+        waiting = GaugeMetricFamily("rerank_jobs_waiting",
+                                    "Bulk jobs with pieces not yet handed to the workers", labels=["model"])
+        state = redis_state.probe(self._redis)  # a tiny write: PING passes while writes are refused
+        states = GaugeMetricFamily("rerank_redis_state", "1 for the state Redis is in (shared/redis_state.py)",
+                                   labels=["state"])
+        for name in REDIS_STATES:
+            states.add_metric([name], 1 if state.state == name else 0)
+        yield states
         snapshots: list[tuple[str, list[dict]]] = []
         try:
             for model in models:
                 alive = self._workers.alive(model, fresh=True)
                 workers.add_metric([model], len(alive))
+                feed = names.feed_keys(model)
                 pipe = self._redis.pipeline()
                 pipe.llen(names.realtime_queue(model))
                 pipe.llen(names.bulk_queue(model))
-                pipe.get(names.pending_keys(model)[2])
-                realtime, bulk, total = pipe.execute()
+                pipe.get(names.pending_keys(model).total)
+                pipe.zcard(feed.inflight)
+                pipe.zrange(feed.owners, 0, -1)
+                realtime, bulk, total, pieces, owners = pipe.execute()
                 depth.add_metric([model, "realtime"], realtime)
                 depth.add_metric([model, "bulk"], bulk)
                 pending.add_metric([model], int(total or 0))
+                if self._limit is not None:
+                    bound.add_metric([model], float(self._limit(alive)))
+                in_flight.add_metric([model], pieces)
+                pipe = self._redis.pipeline()
+                for owner in owners:
+                    pipe.zcard(names.feed_owner_key(model, owner.decode()))
+                waiting.add_metric([model], sum(pipe.execute()) if owners else 0)
                 ids = [w["id"] for w in alive]
                 if ids:
                     for wid, raw in zip(ids, self._redis.mget([names.worker_metrics_key(i) for i in ids])):
@@ -51,7 +84,7 @@ class ClusterCollector:
             return
         up = GaugeMetricFamily("rerank_redis_up", "Whether Redis answered this scrape")
         up.add_metric([], 1)
-        yield from (up, workers, depth, pending)
+        yield from (up, workers, depth, pending, bound, in_flight, waiting)
         yield from _merge(snapshots)
 
 

@@ -118,7 +118,7 @@ class Feeder:
     def feed(self, model: str) -> int:
         """Top the model's pieces in flight up to their depth; returns how many were sent."""
         pieces = self._script(
-            keys=[*names.feed_keys(model), names.workers_key(model), f"{names.feed_keys(model)[0]}:stale-after"],
+            keys=[*names.feed_keys(model), names.workers_key(model), names.feed_stale_after_key(model)],
             args=[time.time(), self._stale_after, MIN_DEPTH, DEPTH_PER_WORKER, names.job_key(""),
                   names.feed_owner_key(model, ""), names.worker_key(""), SEND_GRACE_SECONDS,
                   "1" if self._worker else "0"],
@@ -136,15 +136,15 @@ class Feeder:
                     argsrepr=member.decode(),
                     kwargsrepr="{}",
                 )
-        self._redis.zrem(names.feed_keys(model)[3], *pieces)  # in the broker now
+        self._redis.zrem(names.feed_keys(model).sending, *pieces)  # in the broker now
         return len(pieces)
 
     def piece_ended(self, model: str, job_id: str, piece: int) -> None:
         """A worker is done with a piece (scored, skipped or failed): free its turn, feed on.
         Worker side: called after every piece, whatever its outcome (worker/jobs.py)."""
-        inflight, _, _, sending = names.feed_keys(model)
+        keys = names.feed_keys(model)
         pipe = self._redis.pipeline()
-        pipe.zrem(inflight, f"{job_id}:{piece}")
-        pipe.zrem(sending, f"{job_id}:{piece}")
+        pipe.zrem(keys.inflight, f"{job_id}:{piece}")
+        pipe.zrem(keys.sending, f"{job_id}:{piece}")
         pipe.execute()
         self.feed(model)

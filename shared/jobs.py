@@ -8,6 +8,7 @@ number enters the set once, and only that first entry counts.
 from __future__ import annotations
 
 import hashlib
+import json
 import secrets
 import time
 from dataclasses import dataclass
@@ -113,7 +114,8 @@ return status
 _INTS = ("items_total", "pairs_total", "pieces_total", "items_done", "pairs_done", "pieces_done", "errors",
          "pieces_failed", "pieces_fed", "input_bytes")
 _FLOATS = ("created_at", "started_at", "finished_at")
-_BOOLS = ("return_documents", "raw_scores", "return_chunks")
+#: Options a job's hash held as fields of their own before its ScoreOptions held them all.
+_LEGACY_OPTIONS = ("return_documents", "raw_scores", "return_chunks")
 
 
 def new_job_id() -> str:
@@ -146,10 +148,7 @@ class Job:
     created_at: float = 0.0
     started_at: float | None = None
     finished_at: float | None = None
-    return_documents: bool = False
-    raw_scores: bool = False
-    return_chunks: bool = False
-    options: str = "{}"  # ScoreOptions as JSON: how long documents are handled
+    options: str = "{}"  # its ScoreOptions as JSON (shared/schemas.py): how it is scored and answered
 
     @classmethod
     def from_redis(cls, raw: dict[bytes, bytes]) -> Job:
@@ -158,8 +157,9 @@ class Job:
             data[key] = int(data.get(key, 0))
         for key in _FLOATS:
             data[key] = float(data[key]) if data.get(key) else None
-        for key in _BOOLS:
-            data[key] = data.get(key) == "1"
+        legacy = {key: data.pop(key) == "1" for key in _LEGACY_OPTIONS if key in data}
+        if legacy:  # stored before these moved into `options` (a job queued across an upgrade)
+            data["options"] = json.dumps({**json.loads(data.get("options") or "{}"), **legacy})
         return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
 
     @property
@@ -216,23 +216,29 @@ class JobStore:
         pipe.zadd(names.owner_jobs_key(owner), {job_id: input_bytes}, xx=True)
         return bool(pipe.execute()[0])
 
-    def accept(self, job: Job) -> bool:
-        """The whole input is stored: the job is queued and joins the fair turns. False when its
-        `receiving` state was lost meanwhile (it expired, or Redis lost it)."""
+    def accept(self, job: Job, replicas: int = 0, wait_seconds: float = 2.0) -> tuple[bool, int]:
+        """The whole input is stored: the job is queued and joins the fair turns. Returns whether it
+        was (False when its `receiving` state was lost meanwhile: it expired, or Redis lost it) and
+        how many replicas confirmed holding it: with `replicas` > 0 the script and a `WAIT` go on one
+        connection (WAIT counts that connection's writes), so a promoted replica has the job."""
         fields = {
             "status": QUEUED, "items_total": job.items_total, "pairs_total": job.pairs_total,
             "pieces_total": job.pieces_total, "items_done": 0, "pairs_done": 0, "pieces_done": 0,
             "pieces_failed": 0, "pieces_fed": 0, "errors": 0, "input_bytes": job.input_bytes,
-            "return_documents": int(job.return_documents), "raw_scores": int(job.raw_scores),
-            "return_chunks": int(job.return_chunks), "options": job.options,
+            "options": job.options,
         }
         flat = [str(v) for pair in fields.items() for v in pair]
-        _, owners, turn, _ = names.feed_keys(job.model)
-        return bool(self._accept(
-            keys=[names.job_key(job.id), names.owner_jobs_key(job.owner),
-                  names.feed_owner_key(job.model, job.owner), owners, turn],
-            args=[job.input_bytes, job.id, job.owner, job.created_at, *flat],
-        ))
+        feed = names.feed_keys(job.model)
+        keys = [names.job_key(job.id), names.owner_jobs_key(job.owner),
+                names.feed_owner_key(job.model, job.owner), feed.owners, feed.turn]
+        args = [job.input_bytes, job.id, job.owner, job.created_at, *flat]
+        if replicas <= 0:
+            return bool(self._accept(keys=keys, args=args)), 0
+        pipe = self._redis.pipeline(transaction=False)
+        self._accept(keys=keys, args=args, client=pipe)
+        pipe.execute_command("WAIT", replicas, int(wait_seconds * 1000))
+        accepted, acknowledged = pipe.execute()
+        return bool(accepted), int(acknowledged)
 
     def forget(self, job_id: str, owner: str) -> None:
         """Drop the state of a job that was refused or removed."""
@@ -248,8 +254,7 @@ class JobStore:
             "items_total": job.items_total, "pairs_total": job.pairs_total,
             "pieces_total": job.pieces_total, "items_done": 0, "pairs_done": 0, "pieces_done": 0,
             "errors": 0, "created_at": job.created_at or time.time(),
-            "return_documents": int(job.return_documents), "raw_scores": int(job.raw_scores),
-            "return_chunks": int(job.return_chunks), "options": job.options,
+            "options": job.options,
         }
         self._redis.hset(names.job_key(job.id), mapping=fields)
 

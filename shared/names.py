@@ -5,6 +5,8 @@ Kept in one place because a typo on either side would not fail, it would just ne
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 #: Celery task that scores one synchronous request.
 RERANK_TASK = "rerank.realtime"
 
@@ -38,14 +40,19 @@ def worker_key(worker_id: str) -> str:
     return f"{PREFIX}:worker:{worker_id}"
 
 
-def pending_keys(model: str) -> list[str]:
-    """Realtime calls admitted but not yet answered (backpressure): deadlines, costs, total cost.
+class PendingKeys(NamedTuple):
+    """Realtime calls admitted but not yet answered (backpressure, shared/pending.py), in the
+    order the Lua scripts take them. A call leaves when its caller stops waiting, so a worker can
+    tell whether anyone still wants an answer (`HEXISTS` on `costs`)."""
 
-    A call leaves when its caller stops waiting, so a worker can tell whether anyone still wants
-    an answer (`HEXISTS` on the second key).
-    """
+    deadlines: str  # sorted set: call id by deadline
+    costs: str  # hash: call id -> its cost
+    total: str  # the running total cost
+
+
+def pending_keys(model: str) -> PendingKeys:
     base = f"{PREFIX}:pending:{model}"
-    return [f"{base}:deadlines", f"{base}:pairs", f"{base}:total"]
+    return PendingKeys(f"{base}:deadlines", f"{base}:pairs", f"{base}:total")
 
 
 def job_key(job_id: str) -> str:
@@ -63,12 +70,28 @@ def owner_jobs_key(owner: str) -> str:
     return f"{PREFIX}:owner:{owner}:jobs"
 
 
-def feed_keys(model: str) -> list[str]:
-    """Fair turns of bulk pieces (shared/feed.py): pieces in flight (scored by when they were
-    handed out), owners in rotation (scored by their last turn), the turn counter, and pieces
-    handed out but not yet confirmed sent to the broker."""
+class FeedKeys(NamedTuple):
+    """Fair turns of bulk pieces (shared/feed.py), in the order its Lua script takes them."""
+
+    inflight: str  # sorted set: pieces in flight, scored by when they were handed out
+    owners: str  # sorted set: owners in rotation, scored by their last turn
+    turn: str  # the turn counter
+    sending: str  # sorted set: pieces handed out, not yet confirmed sent to the broker
+
+
+def feed_keys(model: str) -> FeedKeys:
     base = f"{PREFIX}:feed:{model}"
-    return [f"{base}:inflight", f"{base}:owners", f"{base}:turn", f"{base}:sending"]
+    return FeedKeys(f"{base}:inflight", f"{base}:owners", f"{base}:turn", f"{base}:sending")
+
+
+def feed_stale_after_key(model: str) -> str:
+    """Seconds after which a piece in flight counts as lost, as the workers publish it."""
+    return f"{PREFIX}:feed:{model}:inflight:stale-after"
+
+
+def feed_topup_key(model: str) -> str:
+    """Held for a few seconds by the API process that last topped the model's fair turns up."""
+    return f"{PREFIX}:feed:{model}:turn:api"
 
 
 def feed_owner_key(model: str, owner: str) -> str:

@@ -6,6 +6,8 @@ pending). The worker that answers a call releases it in the same round trip as i
 a worker asks whether a call's caller still waits before scoring it: work whose caller gave up
 (timeout, or a 503 while the worker looked dead) is dropped, not computed. Entries also leave by
 themselves when their deadline passes (an API process that died), so the total cannot drift.
+Admitting is idempotent (a call already recorded is not counted again): redis-py sends a script
+again when its connection broke before the answer, as it does while Sentinel promotes a replica.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ if #expired > 0 then
 end
 local total = tonumber(redis.call('GET', KEYS[3]) or '0')
 if total < 0 then total = 0 redis.call('SET', KEYS[3], 0) end
+if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 then return {1, total} end
 local cost = tonumber(ARGV[2])
 if total > 0 and total + cost > tonumber(ARGV[5]) then return {0, total} end
 redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
@@ -70,4 +73,4 @@ class PendingWork:
 
     def waiting(self, model: str, call_id: str) -> bool:
         """Whether the call's caller still waits (a worker asks before scoring it)."""
-        return bool(self._redis.hexists(names.pending_keys(model)[1], call_id))
+        return bool(self._redis.hexists(names.pending_keys(model).costs, call_id))

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from shared.schemas import RerankResult, RerankResultDocument
+from shared.schemas import RerankResult, RerankResultDocument, ScoreOptions, Scored
 
 
 def sigmoid(x: float) -> float:
@@ -54,3 +54,14 @@ def ranked_results(
         )
         for i, score in rank(logits, raw_scores=raw_scores, top_n=top_n)
     ]
+
+
+def results_of(scored: Scored, texts: Sequence[str], options: ScoreOptions, top_n: int | None = None
+               ) -> list[RerankResult]:
+    """`ranked_results` for one call's scores and its resolved options: how the realtime routes
+    and bulk pieces alike turn a Scored into results, so the same options rank the same way."""
+    return ranked_results(
+        scored.logits, texts, raw_scores=options.raw_scores, top_n=top_n, return_documents=options.return_documents,
+        chunks=scored.windows() if options.return_chunks else None,
+        truncated=scored.cut() if options.return_chunks else None,
+    )

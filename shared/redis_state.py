@@ -16,11 +16,12 @@ from dataclasses import dataclass
 
 import redis
 from kombu.exceptions import OperationalError
+from redis.sentinel import MasterNotFoundError
 
 from shared import names
 
-OK, UNREACHABLE, CANNOT_WRITE, OUT_OF_MEMORY, READ_ONLY, REFUSED = (
-    "ok", "unreachable", "cannot_write", "out_of_memory", "read_only", "refused")
+OK, UNREACHABLE, CANNOT_WRITE, OUT_OF_MEMORY, READ_ONLY, REFUSED, FAILING_OVER = (
+    "ok", "unreachable", "cannot_write", "out_of_memory", "read_only", "refused", "failing_over")
 
 #: Redis error codes (the first word of an error reply) and the state each means.
 _CODES = {"MISCONF": CANNOT_WRITE, "OOM": OUT_OF_MEMORY, "READONLY": READ_ONLY,
@@ -30,7 +31,7 @@ _CODE_IN_TEXT = re.compile(r"(?:^|[\s:-])(" + "|".join(_CODES) + r")\b")
 
 @dataclass(frozen=True)
 class RedisState:
-    state: str  # ok, unreachable, cannot_write, out_of_memory, read_only, refused
+    state: str  # ok, unreachable, cannot_write, out_of_memory, read_only, refused, failing_over
     reason: str  # what a person reads in the 503 and in /ready
 
     @property
@@ -51,6 +52,9 @@ def classify(exc: BaseException) -> RedisState:
     match = _CODE_IN_TEXT.search(text) if code is None else None
     code = code or (match.group(1) if match else None)
     if code is None:
+        if any(isinstance(e, MasterNotFoundError) for e in errors):
+            return RedisState(FAILING_OVER, "no Redis primary right now (Sentinel is promoting a replica); "
+                                            "retry in a few seconds")
         if any(isinstance(e, redis.AuthenticationError) for e in errors):
             code = "NOAUTH"
         else:

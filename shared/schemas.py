@@ -1,8 +1,9 @@
 """Request, response and task models: the single source for validation, for the answers the API
 builds and for the OpenAPI document.
 
-The wire formats are FastGPT's, Cohere/Jina's (v1 and v2), TEI's and vLLM's score API (see
-CONTRACT notes in README.md). Fields a client may send that we do not know are ignored, as the seed
+The wire formats are FastGPT's, Cohere/Jina's (v1 and v2), TEI's and vLLM's score API (docs/api.md
+and its page per format). Each request model resolves its options into the one ScoreOptions the
+API hands on, so every route, answered at once or as a job, scores alike. Fields a client may send that we do not know are ignored, as the seed
 server, Cohere and vLLM do. Answers are built from the response models below and serialized in
 their field order, which clients may rely on (FastGPT reads results[].index and relevance_score).
 """
@@ -26,6 +27,10 @@ def omitted_if_none(description: str | None = None) -> Any:
     return Field(default=None, exclude_if=_is_none, description=description)
 
 
+#: Longest instruction a request may carry (characters): a sentence or two, not a document.
+MAX_INSTRUCTION_CHARS = 2048
+
+
 class _Lenient(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -45,35 +50,6 @@ class Chunking(_Lenient):
         description="Most windows per document; at most, and by default, the server's MAX_CHUNKS.")]
 
 
-class LongDocuments(_Lenient):
-    """Options for documents longer than the model's max_length (shared by /v1/rerank and /rerank)."""
-
-    truncation_direction: Literal["right", "left"] = Field(
-        default="right", description="Which end to cut (TEI): right keeps the start, left keeps the end."
-    )
-    max_tokens_per_doc: Annotated[int | None, Field(
-        default=None, ge=1, description="Cohere v2: cut each document to this many tokens first.")]
-    max_chunks_per_doc: Annotated[int | None, Field(
-        default=None, ge=1, le=4096, description="Cohere: score up to this many windows, keep the best.")]
-    chunking: StrictBool | Chunking | None = Field(
-        default=None, description="Best-window scoring: true, or {overlap, max_chunks}.")
-    return_chunks: StrictBool = Field(default=False, description="Say how many windows each document used.")
-
-    def score_options(self, truncate: bool = True) -> ScoreOptions:
-        chunk = self.chunking if isinstance(self.chunking, Chunking) else Chunking() if self.chunking else None
-        if chunk is None and self.max_chunks_per_doc is not None:
-            chunk = Chunking()
-        if chunk is not None and self.max_chunks_per_doc is not None:
-            chunk = Chunking(overlap=chunk.overlap, max_chunks=self.max_chunks_per_doc)
-        return ScoreOptions(
-            direction=self.truncation_direction,
-            max_doc_tokens=self.max_tokens_per_doc,
-            chunk_overlap=chunk.overlap if chunk else None,
-            max_chunks=chunk.max_chunks if chunk else None,
-            truncate=truncate,
-        )
-
-
 class ScoreScale(_Lenient):
     """Sigmoid scores in [0, 1] (FlagEmbedding's normalize=True) unless the client asks for logits."""
 
@@ -86,7 +62,48 @@ class ScoreScale(_Lenient):
         return self.raw_scores or self.use_activation is False
 
 
-class RerankRequest(LongDocuments, ScoreScale):
+class RerankOptions(ScoreScale):
+    """The options a client sets on a Cohere-format call (`/v1/rerank`, `/v2/rerank`, `/rerank`
+    with `documents`) and on a bulk job (the same names, as query parameters for an upload).
+    `options()` resolves them into the one ScoreOptions every route hands on."""
+
+    truncation_direction: Literal["right", "left"] = Field(
+        default="right", description="Which end to cut (TEI): right keeps the start, left keeps the end."
+    )
+    max_tokens_per_doc: Annotated[int | None, Field(
+        default=None, ge=1, description="Cohere v2: cut each document to this many tokens first.")]
+    max_chunks_per_doc: Annotated[int | None, Field(
+        default=None, ge=1, le=4096, description="Cohere: score up to this many windows, keep the best.")]
+    chunking: StrictBool | Chunking | None = Field(
+        default=None, description="Best-window scoring: true, or {overlap, max_chunks}.")
+    return_chunks: StrictBool = Field(default=False, description="Say how many windows each document used.")
+    return_documents: StrictBool = Field(default=False, description="Echo each document's text.")
+    instruction: Annotated[StrictStr | None, Field(
+        default=None, min_length=1, max_length=MAX_INSTRUCTION_CHARS,
+        description="For LLM rerankers (such as Qwen3-Reranker): the task the query serves, put before it "
+                    "in the model's prompt. A model that takes no instruction (the BGE cross-encoders) "
+                    "answers 422.")]
+
+    def options(self) -> ScoreOptions:
+        """These options resolved: chunking spelled out, vLLM's use_activation folded into raw_scores."""
+        chunk = self.chunking if isinstance(self.chunking, Chunking) else Chunking() if self.chunking else None
+        if chunk is None and self.max_chunks_per_doc is not None:
+            chunk = Chunking()
+        if chunk is not None and self.max_chunks_per_doc is not None:
+            chunk = Chunking(overlap=chunk.overlap, max_chunks=self.max_chunks_per_doc)
+        return ScoreOptions(
+            direction=self.truncation_direction,
+            max_doc_tokens=self.max_tokens_per_doc,
+            chunk_overlap=chunk.overlap if chunk else None,
+            max_chunks=chunk.max_chunks if chunk else None,
+            instruction=self.instruction,
+            raw_scores=self.raw(),
+            return_documents=self.return_documents,
+            return_chunks=self.return_chunks,
+        )
+
+
+class RerankRequest(RerankOptions):
     """`POST /v1/rerank`, `/v2/rerank` and `/rerank` with `documents`: FastGPT's body plus the
     Cohere (v1 and v2), Jina, vLLM and Infinity options."""
 
@@ -100,7 +117,6 @@ class RerankRequest(LongDocuments, ScoreScale):
     ]
     top_n: Annotated[int | None, Field(
         default=None, ge=0, description="Keep the best N results; 0 or absent: all (vLLM, Dify).")]
-    return_documents: StrictBool = Field(default=False, description="Echo each document's text.")
 
     def texts(self) -> list[str]:
         return [d if isinstance(d, str) else d.text for d in self.documents]
@@ -120,6 +136,11 @@ class TeiRerankRequest(_Lenient):
     raw_scores: StrictBool = False
     return_text: StrictBool = False
     model: StrictStr | None = None
+
+    def options(self) -> ScoreOptions:
+        """TEI's options as ours: `truncate: false` refuses long texts (413) instead of cutting them."""
+        return ScoreOptions(direction=self.truncation_direction.lower(), truncate=self.truncate is not False,
+                            raw_scores=self.raw_scores)
 
 
 #: The two bodies `POST /rerank` takes, told apart by their list of texts.
@@ -167,6 +188,9 @@ class ScoreRequest(ScoreScale):
             raise _pairing(f"{len(queries)} queries and {len(documents)} documents: "
                            "input lengths must be 1:1, 1:N or N:N")
         return self
+
+    def options(self) -> ScoreOptions:
+        return ScoreOptions(raw_scores=self.raw())
 
     def _sides(self) -> tuple[list[str] | None, list[str] | None]:
         first = self.text_1 if self.text_1 is not None else self.queries
@@ -314,7 +338,7 @@ class HealthResponse(BaseModel):
 class ReadyResponse(BaseModel):
     status: str = Field(description="ready or unavailable")
     redis: str = Field(
-        description="ok, unreachable, cannot_write (disk full), out_of_memory, read_only or refused")
+        description="ok, unreachable, cannot_write (disk full), out_of_memory, read_only, refused or failing_over")
     models: dict[str, dict[str, int]] = Field(
         description="Per served model: its live workers (feeders) and the engines they feed.")
     missing: list[str]
@@ -391,13 +415,11 @@ class JobItem(_Lenient):
         return [d if isinstance(d, str) else d.text for d in self.documents]
 
 
-class JobOptions(LongDocuments):
-    """Options of a job (the long-document ones as in /v1/rerank); for a JSON Lines upload they
-    come as query parameters."""
+class JobOptions(RerankOptions):
+    """Options of a job: those of /v1/rerank, with the same names and meaning (for a JSON Lines
+    or Parquet upload they come as query parameters)."""
 
     model: StrictStr | None = None
-    return_documents: StrictBool = False
-    raw_scores: StrictBool = False
 
 
 class JobRequest(JobOptions):
@@ -479,13 +501,20 @@ class JobResultLine(BaseModel):
 
 
 class ScoreOptions(BaseModel):
-    """How documents longer than max_length are handled (the defaults are FlagEmbedding's)."""
+    """A call's options, resolved from whichever wire format it came in (each request model's
+    `options()`): the one form the API hands on, in a realtime task and stored with a job alike.
+    The worker derives the engine's DocumentPolicy from it (worker/scoring.py), admission its cost
+    (api/admission.py), and ranking the answer (shared/ranking.py). Defaults are FlagEmbedding's."""
 
     direction: Literal["right", "left"] = "right"
     max_doc_tokens: int | None = None
-    chunk_overlap: int | None = None
+    chunk_overlap: int | None = None  # set: score every window of a long document, keep the best
     max_chunks: int | None = None  # None: the server's MAX_CHUNKS (which also caps any other value)
-    truncate: bool = True
+    truncate: bool = True  # False: a pair longer than max_length is refused (413)
+    instruction: str | None = None  # LLM rerankers' task instruction; None: the model's own default
+    raw_scores: bool = False  # logits instead of sigmoid scores (raw_scores, or vLLM's use_activation: false)
+    return_documents: bool = False
+    return_chunks: bool = False
 
 
 class ScoreTask(BaseModel):
@@ -499,16 +528,53 @@ class ScoreTask(BaseModel):
     options: ScoreOptions = ScoreOptions()
 
 
-class ScoreReply(BaseModel):
-    """A worker's answer: a logit per document in input order (the best window's when chunked),
-    or an error with the HTTP status it deserves."""
+class Scored(BaseModel):
+    """One call's scores: a logit per document in input order (the best window's when chunked).
+    What a worker answers and what the API ranks; bulk pieces rank the same values."""
 
-    logits: list[float] | None = None
-    chunks: list[int] | None = None
-    truncated: list[bool] | None = None  # chunked documents longer than their windows
+    logits: list[float]
     input_tokens: int = 0
-    error: str | None = None
-    status: int | None = None
+    chunks: list[int] | None = None  # windows per document (chunked calls)
+    truncated: list[bool] | None = None  # chunked documents longer than their windows
+
+    def windows(self) -> list[int]:
+        return self.chunks if self.chunks is not None else [1] * len(self.logits)
+
+    def cut(self) -> list[bool]:
+        return self.truncated if self.truncated is not None else [False] * len(self.logits)
+
+
+#: Why a worker could not score a call: its own names, turned into HTTP statuses in one place
+#: on the API side (api/errors.py), whatever the wire format of the call.
+FailureKind = Literal["input_too_long", "instruction_not_accepted", "engine_lost", "scoring_failed"]
+
+
+class Failure(BaseModel):
+    """A call the worker could not score, and why."""
+
+    kind: FailureKind
+    message: str
+
+
+class ScoreReply(BaseModel):
+    """A worker's answer to a synchronous call: its scores, or why there are none."""
+
+    scored: Scored | None = None
+    failure: Failure | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _flat(cls, data: Any) -> Any:
+        """The flat reply of a worker older than this API (`logits`…, or `error` and `status`),
+        read during a rolling upgrade: upgrade the API before the workers."""
+        if not isinstance(data, dict) or "scored" in data or "failure" in data:
+            return data
+        if data.get("error") is not None:
+            kinds = {413: "input_too_long", 503: "engine_lost"}
+            return {"failure": {"kind": kinds.get(data.get("status"), "scoring_failed"), "message": data["error"]}}
+        if data.get("logits") is not None:
+            return {"scored": {k: data[k] for k in ("logits", "input_tokens", "chunks", "truncated") if k in data}}
+        return data
 
 
 class PieceTask(BaseModel):

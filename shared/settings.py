@@ -2,7 +2,7 @@
 
 The API, the workers and the launcher all read the same variables, so a model name, a queue name
 or a limit can never mean one thing on one side and another on the other. Every variable is
-documented in README.md; names follow FastGPT's seed server where it has one (`ACCESS_TOKEN`).
+documented in docs/configuration.md (tests/test_docs.py keeps the two in step); names follow FastGPT's seed server where it has one (`ACCESS_TOKEN`).
 """
 
 from __future__ import annotations
@@ -61,6 +61,19 @@ class Settings(BaseSettings):
     # --- where things are ---------------------------------------------------------------------
     redis_url: str | None = Field(
         default=None, description="Broker and state store; unset = the launcher starts its own."
+    )
+    redis_master_name: str = Field(
+        default="mymaster", description="With REDIS_URL=sentinel://…: the name the Sentinels know the master by."
+    )
+    redis_sentinel_password: SecretStr | None = Field(
+        default=None, description="Password of the Sentinels themselves (the master's is in REDIS_URL)."
+    )
+    redis_min_replicas: int | None = Field(
+        default=None, ge=0,
+        description="Replicas that must hold an accepted job before its 202; unset = 1 with Sentinel, else 0.",
+    )
+    redis_wait_timeout: float = Field(
+        default=2.0, gt=0, description="Seconds an accepted job waits for REDIS_MIN_REPLICAS before a 503.",
     )
     data_dir: Path = Field(default=Path("data"), description="Local Redis data and job storage.")
 
@@ -213,6 +226,7 @@ class Settings(BaseSettings):
         """The effective configuration, fit for a start-up log line (tokens and passwords hidden)."""
         values = self.model_dump(mode="json")
         values["access_token"] = f"<{len(self.tokens)} token(s)>" if self.tokens else None
+        values["redis_sentinel_password"] = "***" if self.redis_sentinel_password else None
         if self.redis_url:
             values["redis_url"] = re.sub(r"//([^@/]*)@", "//***@", self.redis_url)
         values["models"] = [spec.model_dump() for spec in self._specs]

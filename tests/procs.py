@@ -95,10 +95,19 @@ def start_redis(log_dir: Path, port: int | None = None, data_dir: Path | None = 
 def start_worker(name: str, env: dict[str, str], log_dir: Path, model: str, *, wait: bool = True) -> Proc:
     proc = Proc(name, [sys.executable, "-m", "worker", "--model", model], env, log_dir)
     if wait:
-        client = redis.Redis.from_url(env["REDIS_URL"])
+        client = redis_for(env)
         wait_for(lambda: client.scard(f"rerank:workers:{model}") and _alive(client, model, proc.pid),
                  60, f"worker {name}", proc)
     return proc
+
+
+def redis_for(env: dict[str, str]) -> redis.Redis:
+    """A client of the Redis the processes of `env` use (REDIS_URL may name Sentinels)."""
+    from shared import redis_client
+    from shared.settings import Settings
+
+    settings = Settings(redis_url=env["REDIS_URL"], redis_master_name=env.get("REDIS_MASTER_NAME", "mymaster"))
+    return redis_client.connect(settings, socket_connect_timeout=2, socket_timeout=5)
 
 
 def _alive(client: redis.Redis, model: str, pid: int) -> bool:

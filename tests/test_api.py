@@ -107,36 +107,7 @@ def test_unicode_and_empty_documents(api):
     assert {x["index"]: x["document"]["text"] for x in body["results"]} == dict(enumerate(docs))
 
 
-# --- authentication -----------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "header",
-    # (Trailing blanks are not part of a header value (RFC 9110 5.5): HTTP servers strip them.)
-    [None, "", "Bearer", "Bearer ", "Bearer wrong", f"Basic {TOKENS[0]}", f"Bearer  {TOKENS[0]}",
-     f"Bearer \t{TOKENS[0]}", f"{TOKENS[0]}", f"Bearer {TOKENS[0]}x", f"Bearer {TOKENS[0][:-1]}",
-     f"Bearer {TOKENS[0]},{TOKENS[1]}", f"Bearer{TOKENS[0]}"],
-)
-def test_bad_or_missing_token_is_401(api, header):
-    headers = {} if header is None else {"Authorization": header}
-    r = api.post("/v1/rerank", {"query": "q", "documents": ["d"]}, token=None, headers=headers)
-    assert r.status_code == 401
-    assert r.json()["error_type"] == "unauthorized"
-    assert TOKENS[0] not in r.text and TOKENS[1] not in r.text
-    assert r.headers["WWW-Authenticate"].startswith("Bearer")
-
-
-@pytest.mark.parametrize("scheme", ["Bearer", "bearer", "BEARER", "bEaReR"])
-@pytest.mark.parametrize("token", TOKENS)
-def test_every_configured_token_works_in_any_scheme_case(api, scheme, token):
-    r = api.post("/v1/rerank", {"query": "q", "documents": ["d"]}, token=None,
-                 headers={"Authorization": f"{scheme} {token}"})
-    assert r.status_code == 200, r.text
-
-
-def test_open_server_needs_no_token_and_health_is_public(api, multi_api):
-    assert multi_api.post("/v1/rerank", {"query": "q", "documents": ["d"]}, token=None).status_code == 200
-    assert api.session.get(api.url + "/health").status_code == 200
+# --- authentication and invalid requests: tests/test_requests.py (no processes needed) -----------
 
 
 def test_token_never_logged(api):
@@ -146,62 +117,7 @@ def test_token_never_logged(api):
     assert TOKENS[0] not in log and TOKENS[1] not in log and "not-the-token" not in log
 
 
-# --- errors -------------------------------------------------------------------------------------
-
-
-def test_malformed_json_is_400(api):
-    for data in (b"{not json", b"", b'{"query": "q", "documents": ["a"]', b"\xff\xfe{}"):
-        r = api.post("/v1/rerank", data=data, headers={"Content-Type": "application/json"})
-        assert r.status_code == 400, (data, r.text)
-        assert r.json()["error_type"] == "invalid_json"
-
-
-@pytest.mark.parametrize(
-    "body, field",
-    [
-        ({"documents": ["a"]}, "query"),
-        ({"query": "q"}, "documents"),
-        ({"query": "", "documents": ["a"]}, "query"),
-        ({"query": "q", "documents": []}, "documents"),
-        ({"query": "q", "documents": "a"}, "documents"),
-        ({"query": "q", "documents": ["a", 5]}, "documents.1"),
-        ({"query": "q", "documents": [{"txt": "a"}]}, "documents.0"),
-        ({"query": 3, "documents": ["a"]}, "query"),
-        ({"query": "q", "documents": ["a"], "top_n": -3}, "top_n"),
-        ({"query": "q", "documents": ["a"], "return_documents": "yes"}, "return_documents"),
-        ([1, 2], "body"),
-    ],
-)
-def test_invalid_fields_are_422_and_named(api, body, field):
-    r = api.post("/v1/rerank", body)
-    assert r.status_code == 422, r.text
-    err = r.json()
-    assert err["error_type"] == "validation"
-    assert field in err["error"]
-
-
-def test_unknown_model_is_404_listing_served_models(multi_api):
-    r = multi_api.post("/v1/rerank", {"model": "gpt-4", "query": "q", "documents": ["a"]})
-    assert r.status_code == 404
-    assert "tiny" in r.json()["error"] and "spare" in r.json()["error"]
-    # No model named: the first served one answers.
-    r = multi_api.post("/v1/rerank", {"query": "q", "documents": ["a"]})
-    assert r.status_code == 200 and r.json()["model"] == "tiny"
-
-
-def test_single_model_answers_any_model_name(api):
-    r = api.post("/v1/rerank", {"model": "whatever-you-typed", "query": "q", "documents": ["a"]})
-    assert r.status_code == 200 and r.json()["model"] == "tiny"
-
-
-def test_too_many_documents_or_too_large_body_is_413(api):
-    r = api.post("/v1/rerank", {"query": "q", "documents": ["d"] * 65})
-    assert r.status_code == 413 and "MAX_DOCUMENTS" in r.json()["error"]
-    # The server may close a connection whose body it refused to read: do not reuse it.
-    r = api.post("/v1/rerank", {"query": "q", "documents": ["x" * 300_000]}, headers={"Connection": "close"})
-    assert r.status_code == 413 and r.json()["error_type"] == "payload_too_large"
-    r = api.post("/v1/rerank", {"query": "q", "documents": ["d"] * 64})
-    assert r.status_code == 200, r.text
+# --- errors (the ones the API decides alone: tests/test_requests.py) --------------------------------
 
 
 def test_model_without_worker_is_503_at_once(multi_api):
@@ -209,10 +125,3 @@ def test_model_without_worker_is_503_at_once(multi_api):
     assert r.status_code == 503
     assert "spare" in r.json()["error"]
     assert r.elapsed.total_seconds() < 2
-
-
-def test_unknown_route_and_method_are_json(api):
-    r = api.session.get(api.url + "/v1/nothing-here")
-    assert r.status_code in (401, 404) and "error" in r.json()
-    r = api.session.get(api.url + "/v1/rerank", headers={"Authorization": f"Bearer {TOKENS[0]}"})
-    assert r.status_code == 405 and r.json()["error_type"] == "method_not_allowed"

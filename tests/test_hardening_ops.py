@@ -2,7 +2,7 @@
 memory, a crash-looping worker, a killed worker holding work, odd JSON (issue 15).
 
 Each test starts the real parts (gunicorn, Celery workers, Redis, the launcher) and records what
-it tried and what came out; tests/conftest.py prints the figures after the run, README.md keeps them.
+it tried and what came out; tests/conftest.py prints the figures after the run, docs/operations.md keeps them.
 """
 
 from __future__ import annotations

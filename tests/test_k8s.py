@@ -279,3 +279,110 @@ def test_a_worker_scaled_down_mid_job_loses_nothing(multi_api, log_dir):
     assert final["status"] == "succeeded" and final["progress"]["items_done"] == 300, final
     lines, _ = results(multi_api, job_id, None)
     assert [line["index"] for line in lines] == list(range(300))  # each item once, in order
+
+
+# --- the Redis Sentinel component ---------------------------------------------------------------
+
+#: Fields of KEDA's Redis list scaler with Sentinel (keda.sh/docs/scalers/redis-sentinel-lists).
+REDIS_SENTINEL_SCALER_KEYS = {"addresses", "addressesFromEnv", "hosts", "hostsFromEnv", "ports", "portsFromEnv",
+                              "sentinelMaster", "sentinelMasterFromEnv", "usernameFromEnv", "passwordFromEnv",
+                              "sentinelUsernameFromEnv", "sentinelPasswordFromEnv", "listName", "listLength",
+                              "activationListLength", "enableTLS", "unsafeSsl", "databaseIndex"}
+
+
+@pytest.fixture(scope="module")
+def with_sentinel(tmp_path_factory) -> list[dict]:
+    overlay = tmp_path_factory.mktemp("sentinel-overlay")
+    (overlay / "kustomization.yaml").write_text(yaml.safe_dump({  # kustomize takes relative paths only
+        "resources": [os.path.relpath(K8S / "overlays" / "fleet", overlay)],
+        "components": [os.path.relpath(K8S / "components" / "redis-sentinel", overlay)],
+    }))
+    return kustomize(overlay)
+
+
+def expand(value: str, env: dict[str, str]) -> str:
+    """Kubernetes' $(VAR) expansion."""
+    return re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", lambda m: env.get(m.group(1), m.group(0)), value)
+
+
+def test_sentinel_component_validates_and_points_every_pod_at_the_sentinels(with_sentinel):
+    from cloudcoil.models.keda.v1alpha1 import ScaledObject
+    from kubernetes_validate import utils
+
+    from shared import redis_client
+
+    docs = with_sentinel
+    for doc in docs:
+        if doc["kind"] != "ScaledObject":
+            utils.validate(doc, utils.latest_version(), strict=True)
+    assert not [d for d in of_kind(docs, "StatefulSet") if d["metadata"]["name"] == "redis"]
+    redis_set = named(docs, "StatefulSet", "redis-sentinel")
+    assert redis_set["spec"]["replicas"] == 3
+    assert {c["name"] for c in redis_set["spec"]["template"]["spec"]["containers"]} == {"redis", "sentinel"}
+    headless = named(docs, "Service", redis_set["spec"]["serviceName"])
+    assert headless["spec"]["clusterIP"] == "None"
+    namespace = redis_set["metadata"]["namespace"]
+    pods = {f"redis-sentinel-{i}.{headless['metadata']['name']}.{namespace}.svc" for i in range(3)}
+    cfg = config(docs)
+    containers = [d["spec"]["template"]["spec"]["containers"][0] for d in of_kind(docs, "Deployment")]
+    assert len(containers) == 3  # the API and two models' workers
+    for container in containers:
+        env = {**cfg, "REDIS_PASSWORD": "pw"}
+        url = expand(env_of(container)["REDIS_URL"]["value"], env)
+        target = redis_client.parse_sentinel_url(url)
+        assert {host for host, _ in target.sentinels} == pods and {p for _, p in target.sentinels} == {26379}
+        assert target.password == "pw" and target.db == 0
+        assert env_of(container)["REDIS_SENTINEL_PASSWORD"]["valueFrom"]["secretKeyRef"]["key"] == "REDIS_PASSWORD"
+    settings = Settings(redis_url=url, redis_master_name=cfg["REDIS_MASTER_NAME"])
+    assert redis_client.replicas_to_wait_for(settings) == 1
+    for doc in of_kind(docs, "ScaledObject"):
+        ScaledObject.model_validate(doc, strict=True)
+        container_env = env_of(named(docs, "Deployment", doc["spec"]["scaleTargetRef"]["name"])
+                               ["spec"]["template"]["spec"]["containers"][0])
+        for trigger in doc["spec"]["triggers"]:
+            meta = trigger["metadata"]
+            assert trigger["type"] == "redis-sentinel" and set(meta) <= REDIS_SENTINEL_SCALER_KEYS, meta
+            for key in ("addressesFromEnv", "sentinelMasterFromEnv", "passwordFromEnv", "sentinelPasswordFromEnv"):
+                assert meta[key] in container_env, (key, meta[key])
+
+
+def test_sentinel_component_scripts_start_a_real_redis_and_sentinel(with_sentinel, tmp_path):
+    """The pods' scripts, run with the installed redis-server (names and paths made local): Redis
+    takes every option redis.sh gives it and Sentinel every line of the file sentinel.sh writes."""
+    import redis as redis_lib
+
+    from rerank.launch import free_port, redis_server_binary
+    from tests.procs import Proc, base_env
+
+    if shutil.which("redis-cli") is None:
+        pytest.skip("sentinel.sh waits for the primary with redis-cli, which is not installed")
+    scripts = named(with_sentinel, "ConfigMap", "redis-sentinel-scripts")["data"]
+    cfg = config(with_sentinel)
+    redis_port, sentinel_port = free_port(), free_port()
+    env = base_env(POD_NAMESPACE="rerank", REDIS_PASSWORD="pw", REDIS_MASTER_NAME=cfg["REDIS_MASTER_NAME"],
+                   REDIS_SENTINEL_DOWN_AFTER_MS=cfg["REDIS_SENTINEL_DOWN_AFTER_MS"])
+    local = {'self="$(hostname).redis-sentinel.${POD_NAMESPACE}.svc"': 'self=127.0.0.1',
+             "$(sh /scripts/primary.sh)": "127.0.0.1", "/data": str(tmp_path), "/sentinel/": f"{tmp_path}/",
+             "exec redis-server": f"exec {redis_server_binary()}"}
+    redis_sh, sentinel_sh = scripts["redis.sh"], scripts["sentinel.sh"]
+    for old, new in local.items():
+        assert old in redis_sh + sentinel_sh, old
+        redis_sh, sentinel_sh = redis_sh.replace(old, new), sentinel_sh.replace(old, new)
+    assert redis_sh.count("redis-server \"$@\"") == 1
+    redis_sh = redis_sh.replace('redis-server "$@"', f'redis-server "$@" --port {redis_port} --bind 127.0.0.1')
+    sentinel_sh = (sentinel_sh.replace("port 26379", f"port {sentinel_port}\nbind 127.0.0.1")
+                   .replace("-h \"$primary\" ping", f"-h \"$primary\" -p {redis_port} ping")
+                   .replace("$primary 6379 2", f"$primary {redis_port} 2"))
+    (tmp_path / "redis.sh").write_text(redis_sh)
+    (tmp_path / "sentinel.sh").write_text(sentinel_sh)
+    procs = [Proc("k8s-redis", ["sh", str(tmp_path / "redis.sh")], env, tmp_path)]
+    try:
+        wait_for(redis_lib.Redis(port=redis_port, password="pw").ping, 15, "redis.sh's Redis", procs[0])
+        procs.append(Proc("k8s-sentinel", ["sh", str(tmp_path / "sentinel.sh")], env, tmp_path))
+        sentinel = redis_lib.Redis(port=sentinel_port, password="pw", decode_responses=True)
+        master = wait_for(lambda: sentinel.sentinel_master(cfg["REDIS_MASTER_NAME"]), 15, "sentinel.sh's Sentinel",
+                          procs[1])
+        assert int(master["port"]) == redis_port and "s_down" not in master["flags"]
+    finally:
+        for proc in procs:
+            proc.stop()

@@ -186,27 +186,13 @@ def test_tei_rerank_answers_a_bare_sorted_array(api):
 
 
 @pytest.mark.stack
-def test_tei_errors_have_tei_statuses_and_shape(api, multi_api, tokenizer):
-    cases = [
-        ({"query": "q", "texts": []}, 422, "Validation"),
-        ({"query": "q"}, 422, "Validation"),
-        ({"query": "q", "texts": ["a"] * 65}, 422, "Validation"),
-        ({"query": "q", "texts": [documents_of_length(tokenizer, [900])[0]], "truncate": False},
-         413, "Validation"),
-    ]
-    for body, status, kind in cases:
-        r = api.post("/rerank", body)
-        assert (r.status_code, r.json().get("error_type")) == (status, kind), r.text
-        assert set(r.json()) - {"fields"} == {"error", "error_type", "detail"}  # TEI's shape + FastAPI's detail
-        assert r.json()["detail"] == r.json()["error"]
-    long_ok = api.post("/rerank", {"query": "q", "texts": [documents_of_length(tokenizer, [900])[0]],
-                                   "truncate": True})
-    assert long_ok.status_code == 200
-    r = api.post("/rerank", data=b"{oops", headers={"Content-Type": "application/json"})
-    assert r.status_code == 422 and r.json()["error_type"] == "Validation"
-    assert api.post("/rerank", {"query": "q", "texts": ["a"]}, token=None).status_code == 401
-    r = multi_api.post("/rerank", {"model": "spare", "query": "q", "texts": ["a"]}, token=None)
-    assert (r.status_code, r.json()["error_type"]) == (503, "Unhealthy")
+def test_tei_truncate_false_refuses_a_text_that_does_not_fit_with_413(api, tokenizer):
+    """(TEI's other statuses and its error shape: tests/test_requests.py.)"""
+    long_text = documents_of_length(tokenizer, [900])[0]
+    r = api.post("/rerank", {"query": "q", "texts": [long_text], "truncate": False})
+    assert (r.status_code, r.json().get("error_type")) == (413, "Validation"), r.text
+    assert set(r.json()) - {"fields"} == {"error", "error_type", "detail"}
+    assert api.post("/rerank", {"query": "q", "texts": [long_text], "truncate": True}).status_code == 200
 
 
 @pytest.mark.stack

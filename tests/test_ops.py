@@ -75,16 +75,6 @@ def test_metrics_cover_api_queues_and_workers(api):
         assert lines and all('worker="' in line and 'model="tiny"' in line for line in lines), name
 
 
-def test_metrics_can_require_the_token(model_dir):
-    from api.app import create_app
-
-    app = create_app(Settings(models=f"tiny={model_dir}", access_token="s3cret", metrics_auth=True,
-                              redis_url=f"redis://127.0.0.1:{free_port()}/0"))
-    client = app.test_client()
-    assert client.get("/metrics").status_code == 401
-    assert client.get("/health").status_code == 200
-
-
 def test_openapi_documents_every_route_from_the_request_models(api):
     from openapi_spec_validator import validate
 

@@ -343,8 +343,8 @@ def test_sim_timings_follow_the_h100_table():
         assert got_launch == pytest.approx(launch / 1000) and got_total == pytest.approx(
             max(timing.total[(rows, width)], launch) / 1000)
     assert timing.graph(1, 64)[0] == GRAPH_LAUNCH_MS / 1000
-    assert timing.graph(1, 64)[1] < timing.eager(1, 64)[1] / 5  # replay is launch-free: the README's 10x
-    assert timing.graph(64, 256)[1] == pytest.approx(0.0084, rel=0.15)  # README §6: 8.42 ms
+    assert timing.graph(1, 64)[1] < timing.eager(1, 64)[1] / 5  # replay is launch-free: docs/gpu.md's 10x
+    assert timing.graph(64, 256)[1] == pytest.approx(0.0084, rel=0.15)  # docs/gpu.md, CUDA graphs: 8.42 ms
     assert timing.eager(4096, 512)[1] > timing.eager(1024, 512)[1] * 3  # beyond the table: by cost
     with pytest.raises(ValueError, match="SIM_PROFILE"):
         Timing.load("huge")

@@ -99,6 +99,29 @@ def test_request_model_accepts_fastgpt_cohere_and_jina_bodies():
             RerankRequest.model_validate(bad)
 
 
+def test_a_reply_of_an_older_worker_is_read_during_a_rolling_upgrade():
+    from shared.schemas import ScoreReply
+
+    old = ScoreReply.model_validate_json('{"logits": [1.5, -2.0], "input_tokens": 7, "chunks": [1, 3]}')
+    assert old.scored is not None and old.scored.logits == [1.5, -2.0] and old.scored.windows() == [1, 3]
+    refused = ScoreReply.model_validate_json('{"error": "pair too long", "status": 413}')
+    assert refused.failure is not None and (refused.failure.kind, refused.failure.message) == (
+        "input_too_long", "pair too long")
+    new = ScoreReply.model_validate_json(ScoreReply.model_validate({"scored": {"logits": [0.5]}}).model_dump_json())
+    assert new.scored is not None and new.scored.logits == [0.5] and new.failure is None
+
+
+def test_a_job_stored_before_its_options_moved_keeps_them():
+    from shared.jobs import Job
+    from shared.schemas import ScoreOptions
+
+    stored = {b"id": b"job_1", b"model": b"m", b"status": b"queued", b"owner": b"", b"items_total": b"1",
+              b"pairs_total": b"1", b"pieces_total": b"1", b"raw_scores": b"1", b"return_documents": b"1",
+              b"return_chunks": b"0", b"options": b'{"direction": "left", "chunk_overlap": 8}'}
+    options = ScoreOptions.model_validate_json(Job.from_redis(stored).options)
+    assert options == ScoreOptions(direction="left", chunk_overlap=8, raw_scores=True, return_documents=True)
+
+
 def test_feeders_of_one_engine_count_its_capacity_once():
     from api.admission import capacity
     from shared.workers import per_engine

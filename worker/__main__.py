@@ -16,12 +16,11 @@ import logging
 import os
 import sys
 
-import redis
 from celery import signals
 
 from engine import Engine, EngineConfig
 from engine.runtime import limit_openmp_spinning
-from shared import names
+from shared import names, redis_client
 from shared.celery_config import make_celery
 from shared.feed import Feeder
 from shared.jobs import JobStore
@@ -70,8 +69,7 @@ def build_context(settings: Settings, spec: ModelSpec) -> WorkerContext:
     except Exception:
         log.exception("could not load model %s from %s; this worker takes no work", spec.name, spec.source)
         sys.exit(EXIT_MODEL_FAILED)
-    client = redis.Redis.from_url(settings.broker_url, socket_connect_timeout=2, socket_timeout=10,
-                                  health_check_interval=30)
+    client = redis_client.connect(settings, socket_connect_timeout=2, socket_timeout=10, health_check_interval=30)
     ctx = WorkerContext(spec=spec, settings=settings, engine=engine, redis=client, worker_id=worker_id,
                         job_store=JobStore(client, settings.job_ttl), job_storage=JobStorage(settings.job_storage_url),
                         metrics=metrics, pace=pace, chars_per_token=CharsPerToken(), pending=PendingWork(client))

@@ -15,6 +15,7 @@ import sys
 
 import redis
 
+from shared import redis_client
 from shared.settings import get_settings
 from shared.workers import WorkerRegistry
 
@@ -26,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = get_settings()
     models = args.model or [spec.name for spec in settings.served_models]
     host = socket.gethostname()
-    registry = WorkerRegistry(redis.Redis.from_url(settings.broker_url, socket_connect_timeout=3))
+    registry = WorkerRegistry(redis_client.connect(settings, socket_connect_timeout=3, socket_timeout=3))
     try:
         missing = [m for m in models if not any(w.get("host") == host for w in registry.alive(m, fresh=True))]
     except redis.RedisError as exc:

@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import logging
 
-import numpy as np
-
 from engine import BULK, Encoded, Engine
 from engine.errors import Cancelled, EngineFailed
 from shared import jobs as job_state
-from shared.ranking import ranked_results
+from shared.ranking import results_of
 from shared.schemas import PieceTask, ScoreOptions
 from worker.context import WorkerContext
-from worker.realtime import policy_of
+from worker.scoring import encode, failure_of, scored
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +48,9 @@ def _run_piece(ctx: WorkerContext, task: PieceTask) -> str:
 
     items = list(storage.read_lines(storage.input_path(task.job_id, task.piece)))
     pairs = sum(len(item["documents"]) for item in items)
-    policy = policy_of(ScoreOptions.model_validate_json(job.options), ctx.settings.max_chunks)
+    options = ScoreOptions.model_validate_json(job.options)
     try:
-        encoded = [ctx.engine.encoder.encode(item["query"], item["documents"], policy) for item in items]
+        encoded = [encode(ctx, item["query"], item["documents"], options) for item in items]
         whole = Encoded.concat(encoded)
         ctx.chars_per_token.record(whole.characters, whole.tokenized)
         handle = ctx.engine.submit(whole, priority=BULK, tag=task.job_id)
@@ -66,7 +64,7 @@ def _run_piece(ctx: WorkerContext, task: PieceTask) -> str:
         raise  # the engine restarted: the piece goes back to its queue (worker/tasks.py), not failed
     except Exception as exc:  # a piece that cannot be scored is reported, not retried for ever
         log.exception("job %s piece %d failed", task.job_id, task.piece)
-        message = f"{type(exc).__name__}: {exc}"
+        message = failure_of(exc).message
         lines = [{"id": item["id"], "index": item["index"], "error": message} for item in items]
         storage.write_lines(storage.result_path(task.job_id, task.piece), lines)
         store.complete_piece(task.job_id, task.piece, len(items), pairs, errors=len(items), last_error=message)
@@ -79,21 +77,13 @@ def _run_piece(ctx: WorkerContext, task: PieceTask) -> str:
         lines.append({
             "id": item["id"],
             "index": item["index"],
-            "results": [r.model_dump(mode="json") for r in ranked_results(
-                scores.logits.tolist(), item["documents"], raw_scores=job.raw_scores, top_n=item.get("top_n"),
-                return_documents=job.return_documents,
-                chunks=_chunks(scores.chunks, len(item["documents"])) if job.return_chunks else None,
-                truncated=_truncated(scores.truncated, len(item["documents"])) if job.return_chunks else None)],
+            "results": [r.model_dump(mode="json") for r in results_of(
+                scored(scores), item["documents"], options, item.get("top_n"))],
             "meta": {"tokens": {"input_tokens": scores.input_tokens}},
         })
     storage.write_lines(storage.result_path(task.job_id, task.piece), lines)
     counted = store.complete_piece(task.job_id, task.piece, len(items), pairs)
+    if counted:
+        ctx.metrics.job_items_done(len(items))
     return "done" if counted else "redone"  # redone: a redelivered piece, counted once
 
-
-def _chunks(values: np.ndarray | None, documents: int) -> list[int]:
-    return values.tolist() if values is not None else [1] * documents
-
-
-def _truncated(values: np.ndarray | None, documents: int) -> list[bool]:
-    return values.tolist() if values is not None else [False] * documents

@@ -40,6 +40,8 @@ class WorkerMetrics:
                                    ["model"], registry=r)
         self.tasks = Counter("rerank_worker_tasks", "Tasks a worker finished", ["model", "kind", "outcome"],
                              registry=r)
+        self.job_items = Counter("rerank_job_items_scored", "Bulk job items scored and counted (a piece done "
+                                 "twice counts once)", ["model"], registry=r)
 
     def on_batch(self, stats: BatchStats) -> None:
         m = self.model
@@ -53,6 +55,9 @@ class WorkerMetrics:
 
     def task_done(self, kind: str, outcome: str) -> None:
         self.tasks.labels(self.model, kind, outcome).inc()
+
+    def job_items_done(self, items: int) -> None:
+        self.job_items.labels(self.model).inc(items)
 
     def snapshot(self) -> list[dict]:
         """Every sample, as plain JSON, for the heartbeat."""

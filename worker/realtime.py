@@ -5,11 +5,12 @@ from __future__ import annotations
 import logging
 import time
 
-from engine import REALTIME, DocumentPolicy, Engine, InputTooLong
-from engine.errors import EngineFailed, Expired
+from engine import REALTIME, Engine
+from engine.errors import Expired
 from shared import names
-from shared.schemas import ScoreOptions, ScoreReply, ScoreTask
+from shared.schemas import ScoreReply, ScoreTask
 from worker.context import WorkerContext
+from worker.scoring import encode, failure_of, scored
 
 log = logging.getLogger(__name__)
 
@@ -19,16 +20,21 @@ REPLY_TTL_SECONDS = 60
 FRESH_SECONDS = 0.5
 
 
-def policy_of(options: ScoreOptions, max_chunks: int) -> DocumentPolicy:
-    """The engine's document policy for a task's ScoreOptions (the wire format, shared/schemas.py);
-    windows per document are capped by MAX_CHUNKS."""
-    return DocumentPolicy(direction=options.direction, max_doc_tokens=options.max_doc_tokens,
-                          chunk_overlap=options.chunk_overlap,
-                          max_chunks=min(options.max_chunks or max_chunks, max_chunks), truncate=options.truncate)
-
-
 def score_call(ctx: WorkerContext, task: ScoreTask) -> ScoreReply | None:
-    """Score one synchronous call; None when its caller has already given up."""
+    """Score one synchronous call; None when its caller has already given up. Any error is the
+    reply's Failure (worker/scoring.py names it): the caller gets a clear answer, the worker lives on."""
+    try:
+        return _score(ctx, task)
+    except Expired:
+        return None
+    except Exception as exc:
+        failure = failure_of(exc)
+        if failure.kind == "scoring_failed":
+            log.exception("request %s failed", task.request_id)
+        return ScoreReply(failure=failure)
+
+
+def _score(ctx: WorkerContext, task: ScoreTask) -> ScoreReply | None:
     started = time.perf_counter()
     now = time.time()
     if task.deadline <= now:
@@ -38,29 +44,14 @@ def score_call(ctx: WorkerContext, task: ScoreTask) -> ScoreReply | None:
     sent_at = task.deadline - ctx.settings.sync_timeout
     if now - sent_at > FRESH_SECONDS and not ctx.pending.waiting(ctx.spec.name, task.call_id):
         return None
-    try:
-        encoded = ctx.engine.encoder.encode(task.query, task.documents,
-                                              policy_of(task.options, ctx.settings.max_chunks))
-    except InputTooLong as exc:
-        return ScoreReply(error=str(exc), status=413)
+    encoded = encode(ctx, task.query, task.documents, task.options)
     ctx.chars_per_token.record(encoded.characters, encoded.tokenized)
-    try:
-        logits = ctx.engine.run(encoded, priority=REALTIME, deadline=task.deadline,
-                                timeout=max(task.deadline - time.time(), 0))
-    except Expired:
-        return None
-    except EngineFailed as exc:
-        # Its engine died (a shared one is restarted by the launcher and rejoined): a clear 503
-        # now beats a wait for the deadline; the caller may retry at once.
-        return ScoreReply(error=f"the model's engine restarted while scoring this call: {exc}", status=503)
+    logits = ctx.engine.run(encoded, priority=REALTIME, deadline=task.deadline,
+                            timeout=max(task.deadline - time.time(), 0))
     scores = Engine.merge(encoded, logits)
     log.info("scored %d pairs (%d tokens) in %.1f ms", encoded.pairs, encoded.tokens,
              (time.perf_counter() - started) * 1000)
-    return ScoreReply(
-        logits=scores.logits.tolist(), input_tokens=scores.input_tokens,
-        chunks=scores.chunks.tolist() if scores.chunks is not None else None,
-        truncated=scores.truncated.tolist() if scores.truncated is not None else None,
-    )
+    return ScoreReply(scored=scored(scores))
 
 
 def send_reply(ctx: WorkerContext, call_id: str, reply: ScoreReply) -> None:

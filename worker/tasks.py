@@ -12,7 +12,7 @@ from celery.exceptions import Reject
 from engine.errors import EngineFailed
 from shared import names
 from shared.logs import request_id
-from shared.schemas import PieceTask, ScoreReply, ScoreTask
+from shared.schemas import PieceTask, ScoreTask
 from worker.context import WorkerContext
 from worker.jobs import run_piece
 from worker.realtime import score_call, send_reply
@@ -36,16 +36,12 @@ def rerank_realtime(self: WorkerTask, payload: dict) -> None:
     task = ScoreTask.model_validate(payload)
     request_id.set(task.request_id)  # every log line of this call carries the API's X-Request-Id
     ctx = self.ctx
-    try:
-        reply = score_call(ctx, task)
-    except Exception as exc:  # the caller gets a clear error; the worker lives on
-        log.exception("request %s failed", task.request_id)
-        reply = ScoreReply(error=f"scoring failed: {type(exc).__name__}: {exc}", status=500)
+    reply = score_call(ctx, task)
     if reply is None:
         ctx.metrics.task_done("realtime", "dropped")
         log.info("request %s: its caller gave up before it was scored; dropped", task.request_id)
         return
-    ctx.metrics.task_done("realtime", "error" if reply.error else "ok")
+    ctx.metrics.task_done("realtime", "error" if reply.failure else "ok")
     send_reply(ctx, task.call_id, reply)
 
 

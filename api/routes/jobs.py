@@ -91,7 +91,7 @@ def create_job():
     model = resolve_model(settings, body.model)
     if body.items is not None:
         job = service.create_from_items(model, ((f"items.{i}", it) for i, it in enumerate(body.items)),
-                                        owner=owner, options=body)
+                                        owner=owner, options=body.options())
         return accepted(job)
     url = check_input_url(body.input_url, settings.input_prefixes)
     parquet = is_parquet(url, body.input_format)
@@ -105,7 +105,7 @@ def create_job():
             return _closing(parquet_entries(file), file)
         return _closing(jsonl_entries(lines(CountingReader(file).blocks())), file)
 
-    return accepted(service.create(model, url_entries, owner=owner, options=body))
+    return accepted(service.create(model, url_entries, owner=owner, options=body.options()))
 
 
 def _create_from_upload(settings: Settings, service: JobService, owner: str):
@@ -124,7 +124,7 @@ def _create_from_upload(settings: Settings, service: JobService, owner: str):
             return _closing(parquet_entries(file), file)
         return jsonl_entries(lines(body.blocks()))
 
-    return service.create(model, entries, owner=owner, options=options, expected_bytes=request.content_length)
+    return service.create(model, entries, owner=owner, options=options.options(), expected_bytes=request.content_length)
 
 
 def _closing(entries, file):

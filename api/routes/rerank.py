@@ -13,7 +13,7 @@ from api.errors import ApiError
 from api.openapi import documented
 from api.routes.jobs import accepted, jobs, owner_token
 from api.validation import parse_body, resolve_model
-from shared.ranking import ranked_results
+from shared.ranking import results_of
 from shared.schemas import JobCreated, JobItem, RerankRequest, RerankResponse, RerankV2Response
 from shared.settings import Settings
 
@@ -55,23 +55,20 @@ def rerank_answer(req: RerankRequest, shape: type[RerankResponse | RerankV2Respo
     settings: Settings = current_app.config["SETTINGS"]
     _check_size(settings, len(req.documents))
     model = resolve_model(settings, req.model)
-    texts = req.texts()
-    scored = current_app.extensions["dispatcher"].score(model, req.query, texts, g.request_id, req.score_options())
-    results = ranked_results(
-        scored.logits, texts, raw_scores=req.raw(), top_n=req.keep(), return_documents=req.return_documents,
-        chunks=(scored.chunks or [1] * len(texts)) if req.return_chunks else None,
-        truncated=(scored.truncated or [False] * len(texts)) if req.return_chunks else None,
-    )
+    texts, options = req.texts(), req.options()
+    scored = current_app.extensions["dispatcher"].score(model, req.query, texts, g.request_id, options)
+    results = results_of(scored, texts, options, req.keep())
     return answer(shape.of(g.request_id, model.name, results, scored.input_tokens))
 
 
 def _as_job(req: RerankRequest) -> Response:
-    """`Prefer: respond-async`: a one-item bulk job instead of waiting (202)."""
+    """`Prefer: respond-async`: a one-item bulk job instead of waiting (202), with the same
+    resolved options as the call would have had, so it gives the same scores."""
     settings: Settings = current_app.config["SETTINGS"]
     _check_size(settings, len(req.documents))
     model = resolve_model(settings, req.model)
     item = JobItem(query=req.query, documents=req.documents, top_n=req.keep())
-    job = jobs().create_from_items(model, [("body", item)], owner=owner_token(), options=req)
+    job = jobs().create_from_items(model, [("body", item)], owner=owner_token(), options=req.options())
     response = accepted(job)
     response.headers["Preference-Applied"] = "respond-async"
     return response

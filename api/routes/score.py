@@ -13,12 +13,11 @@ from concurrent.futures import ThreadPoolExecutor
 from flask import Blueprint, current_app, g
 
 from api.answers import answer
-from api.dispatch import Scored
 from api.errors import ApiError
 from api.openapi import documented
 from api.validation import parse_body, resolve_model
 from shared.ranking import sigmoid
-from shared.schemas import ScoreData, ScoreOptions, ScoreRequest, ScoreResponse, ScoreUsage
+from shared.schemas import ScoreData, Scored, ScoreRequest, ScoreResponse, ScoreUsage
 from shared.settings import Settings
 
 bp = Blueprint("score", __name__)
@@ -43,7 +42,7 @@ def score():
     for i, (query, _) in enumerate(pairs):
         by_query.setdefault(query, []).append(i)
 
-    dispatcher, request_id, options = current_app.extensions["dispatcher"], g.request_id, ScoreOptions()
+    dispatcher, request_id, options = current_app.extensions["dispatcher"], g.request_id, req.options()
 
     def call(query: str) -> Scored:
         return dispatcher.score(model, query, [pairs[i][1] for i in by_query[query]], request_id, options)
@@ -58,7 +57,7 @@ def score():
         for i, logit in zip(indexes, scored.logits):
             logits[i] = logit
     tokens = sum(scored.input_tokens for scored in answers)
-    raw = req.raw()
+    raw = options.raw_scores
     return answer(ScoreResponse(
         id=request_id, model=model.name,
         data=[ScoreData(index=i, score=x if raw else sigmoid(x)) for i, x in enumerate(logits)],

@@ -24,7 +24,6 @@ from api.validation import JsonObject, parse_body, validate
 from shared.ranking import rank
 from shared.schemas import (
     RERANK_BODIES,
-    LongDocuments,
     RerankRequest,
     RerankResponse,
     TeiInfo,
@@ -37,16 +36,9 @@ from shared.settings import Settings
 
 bp = Blueprint("tei", __name__)
 
-#: Our status -> (TEI's status, TEI's error_type).
-_TEI_ERRORS = {
-    400: (422, "Validation"), 404: (422, "Validation"), 413: (413, "Validation"), 422: (422, "Validation"),
-    429: (429, "Overloaded"), 500: (424, "Backend"), 503: (503, "Unhealthy"), 504: (424, "Backend"),
-}
-
-
 def _tei_error(error: ApiError) -> Response:
-    status, kind = _TEI_ERRORS.get(error.status, (error.status, "Backend"))
-    return error_response(error, status=status, error_type=kind)
+    """TEI's statuses and type names (api/errors.py STATUSES) for an error of its format."""
+    return error_response(error, tei=True)
 
 
 @bp.post("/rerank")
@@ -81,12 +73,11 @@ def _tei_rerank(settings: Settings, req: TeiRerankRequest) -> Response:
     if len(req.texts) > settings.max_documents:
         raise ApiError(422, f"batch size {len(req.texts)} > maximum allowed batch size {settings.max_documents}")
     model = settings.model(req.model) or settings.served_models[0]
-    options = LongDocuments(truncation_direction=req.truncation_direction.lower()).score_options(
-        truncate=req.truncate is not False)
+    options = req.options()
     scored = current_app.extensions["dispatcher"].score(model, req.query, req.texts, g.request_id, options)
     return answer(TeiRerankResponse([
         TeiRank(index=i, score=score, text=req.texts[i] if req.return_text else None)
-        for i, score in rank(scored.logits, raw_scores=req.raw_scores)]))
+        for i, score in rank(scored.logits, raw_scores=options.raw_scores)]))
 
 
 @bp.get("/info")

@@ -15,42 +15,44 @@ from __future__ import annotations
 
 import math
 
+from engine.cost import Layout, call_cost, layout, pair_cost  # noqa: F401 - pure: no numpy, no torch
 from shared.schemas import ScoreOptions
 from shared.workers import per_engine
 
 #: What the tokenizer turns one character into, before any worker has measured it.
 DEFAULT_CHARS_PER_TOKEN = 3.0
-#: Pair inputs carry <s> </s></s> </s> around the query and the document.
-SPECIAL_TOKENS = 4
 #: Batches computed from length-sorted pairs are about 95 % real tokens (engine/batcher.py).
 PADDING_FACTOR = 1.05
 
 
-def pair_cost(tokens: int) -> float:
-    """A pair's share of a batch's cost (engine.batcher.padded_cost for one row)."""
-    return tokens * max(1.0, tokens / 512)
+def workers_layout(workers: list[dict]) -> Layout:
+    """The pair layout the live workers of a model announce (family and template size), from
+    which a call is priced; a cross-encoder's when they say nothing."""
+    for w in workers:
+        if w.get("family"):
+            return layout(w["family"], w.get("template_tokens"))
+    return layout(None)
+
+
+def served_length(workers: list[dict], default: int) -> int:
+    """Tokens per pair the live workers serve (their heartbeat's context_length): a worker that
+    sees a Qwen3 folder serves 8192 even where the API, without the folder, assumed the default."""
+    lengths = [int(w["context_length"]) for w in workers if w.get("context_length")]
+    return max(lengths) if lengths else default
 
 
 def estimate_cost(query: str, documents: list[str], options: ScoreOptions, *, max_length: int,
-                  chars_per_token: float, max_chunks: int = 64) -> int:
-    """What a call will cost the batcher, from its text alone (tokens estimated from characters
-    at the workers' measured ratio; FlagEmbedding's truncation and the chunking options applied)."""
+                  chars_per_token: float, max_chunks: int = 64, pair_layout: Layout | None = None) -> int:
+    """What a call will cost the batcher, from its text alone: tokens estimated from characters
+    at the workers' measured ratio, then priced by engine.cost (the family's truncation and the
+    chunking options applied), the arithmetic the batcher itself counts with."""
     def tokens(text: str) -> int:
         return math.ceil(len(text) / chars_per_token)
 
-    query_tokens = min(tokens(query), max_length * 3 // 4)
-    room = max(max_length - query_tokens - SPECIAL_TOKENS, 1)
-    head = query_tokens + SPECIAL_TOKENS
-    total = 0.0
-    for doc in documents:
-        length = tokens(doc)
-        if options.max_doc_tokens is not None:
-            length = min(length, options.max_doc_tokens)
-        windows = 1
-        if options.chunk_overlap is not None and length > room:
-            step = room - min(options.chunk_overlap, room // 2)
-            windows = min(options.max_chunks or max_chunks, max_chunks, 1 + math.ceil((length - room) / step))
-        total += windows * pair_cost(head + min(length, room))
+    total = call_cost(tokens(query), (tokens(d) for d in documents), max_length=max_length,
+                      layout=pair_layout or layout(None), max_doc_tokens=options.max_doc_tokens,
+                      chunk_overlap=options.chunk_overlap,
+                      max_chunks=min(options.max_chunks or max_chunks, max_chunks))
     return max(1, math.ceil(total * PADDING_FACTOR))
 
 

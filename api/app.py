@@ -22,6 +22,7 @@ from api.dispatch import Dispatcher, redis_error
 from api.errors import error_response, register_error_handlers
 from api.jobs import JobService
 from api.routes import jobs, ops, rerank, score, tei
+from shared import tracing
 from shared.cluster_metrics import ClusterCollector
 from shared.logs import request_id
 from shared.settings import Settings, get_settings
@@ -40,6 +41,8 @@ def create_app(settings: Settings | None = None, dispatcher: Dispatcher | None =
     app.config.update(SETTINGS=settings, MAX_CONTENT_LENGTH=settings.max_request_bytes)
     app.json.sort_keys = False  # keep fields in the order of the response models
     app.json.ensure_ascii = False  # Chinese documents come back readable and smaller
+    tracing.setup("rerank-api")  # in each gunicorn worker (the app is built after the fork)
+    tracing.instrument_flask(app)  # first, so the steps below are inside the request's span
     dispatcher = dispatcher or Dispatcher(settings)
     app.extensions["dispatcher"] = dispatcher
     app.extensions["jobs"] = JobService(settings, dispatcher.redis, dispatcher.celery, dispatcher.workers)
@@ -60,9 +63,11 @@ def create_app(settings: Settings | None = None, dispatcher: Dispatcher | None =
         given = request.headers.get("X-Request-Id", "")
         g.request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
         request_id.set(g.request_id)
+        tracing.current().set_attribute("rerank.request_id", g.request_id)
         conf: Settings = current_app.config["SETTINGS"]
         if needs_token(request.path, metrics_auth=conf.metrics_auth):
-            require_token(request.headers.get("Authorization"), conf.tokens)
+            with tracing.span("rerank.auth"):
+                require_token(request.headers.get("Authorization"), conf.tokens)
 
     @app.after_request
     def _tag(response):

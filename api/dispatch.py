@@ -16,9 +16,10 @@ from datetime import datetime, timezone
 import redis
 from kombu.exceptions import OperationalError
 
-from api.admission import chars_per_token, estimate_cost, pending_limit, retry_after
+from api.admission import (chars_per_token, estimate_cost, pending_limit, retry_after, served_length,
+                           workers_layout)
 from api.errors import ApiError
-from shared import names, redis_client, redis_state
+from shared import names, redis_client, redis_state, tracing
 from shared.celery_config import make_celery
 from shared.pending import PendingWork
 from shared.schemas import Failure, ScoreOptions, Scored, ScoreReply, ScoreTask
@@ -75,10 +76,14 @@ class Dispatcher:
         now = time.time()
         deadline = now + self.settings.sync_timeout
         call_id = f"{request_id}.{uuid.uuid4().hex[:12]}"  # the worker's log lines carry the request id
-        limit = pending_limit(self.settings.max_pending_tokens, workers, self.settings.sync_timeout)
-        cost = estimate_cost(query, documents, options, max_length=model.max_length,
-                             chars_per_token=chars_per_token(workers), max_chunks=self.settings.max_chunks)
-        verdict = self.pending.admit(model.name, call_id, cost, deadline, now, limit)
+        with tracing.span("rerank.admission", {"rerank.model": model.name}) as span:
+            limit = pending_limit(self.settings.max_pending_tokens, workers, self.settings.sync_timeout)
+            cost = estimate_cost(query, documents, options, max_length=served_length(workers, model.max_length),
+                                 chars_per_token=chars_per_token(workers), max_chunks=self.settings.max_chunks,
+                                 pair_layout=workers_layout(workers))
+            verdict = self.pending.admit(model.name, call_id, cost, deadline, now, limit)
+            span.set_attributes({"rerank.cost": cost, "rerank.pending": verdict.pending, "rerank.limit": limit,
+                                 "rerank.admitted": verdict.admitted})
         master = redis_client.master_address(self.redis)  # Sentinel: where the call was recorded
         if not verdict.admitted:
             raise ApiError(
@@ -100,20 +105,28 @@ class Dispatcher:
 
     def _send_and_wait(self, model: ModelSpec, task: ScoreTask, master: tuple[str, int] | None = None) -> Scored:
         deadline = task.deadline
-        self.celery.send_task(
-            names.RERANK_TASK,
-            args=[task.model_dump()],
-            queue=names.realtime_queue(model.name),
-            expires=datetime.fromtimestamp(deadline, tz=timezone.utc),
-            task_id=task.call_id,
-            # Celery would render the documents with saferepr for its logs on every call.
-            argsrepr=f"<{len(task.documents)} documents>",
-            kwargsrepr="{}",
-            # The workers declare the queues they consume, and a message for the default exchange
-            # goes straight onto the queue's list: kombu's declaration on every publish (a copy of
-            # the Queue object, before its cache is even asked) took 16 % of the API's CPU in W2.
-            declare=[],
-        )
+        queue = names.realtime_queue(model.name)
+        with tracing.publish(names.RERANK_TASK, task.call_id, queue) as headers:
+            self.celery.send_task(
+                names.RERANK_TASK,
+                args=[task.model_dump()],
+                queue=queue,
+                expires=datetime.fromtimestamp(deadline, tz=timezone.utc),
+                task_id=task.call_id,
+                # Celery would render the documents with saferepr for its logs on every call.
+                argsrepr=f"<{len(task.documents)} documents>",
+                kwargsrepr="{}",
+                headers=headers,  # the trace's traceparent when tracing is on
+                # The workers declare the queues they consume, and a message for the default exchange
+                # goes straight onto the queue's list: kombu's declaration on every publish (a copy of
+                # the Queue object, before its cache is even asked) took 16 % of the API's CPU in W2.
+                declare=[],
+            )
+        with tracing.span("rerank.wait"):
+            return self._wait(model, task, master)
+
+    def _wait(self, model: ModelSpec, task: ScoreTask, master: tuple[str, int] | None) -> Scored:
+        deadline = task.deadline
         key = names.reply_key(task.call_id)
         while True:
             left = deadline - time.time()

@@ -37,6 +37,7 @@ _metrics_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"]
 for _stale in Path(_metrics_dir).glob("*.db"):
     _stale.unlink()
 
+from shared import tracing  # noqa: E402
 from shared.logs import configure_logging  # noqa: E402
 from shared.settings import get_settings  # noqa: E402
 
@@ -55,6 +56,8 @@ keepalive = 5
 accesslog = "-"
 # The access log line carries no headers, so a bearer token never reaches a log.
 access_log_format = '%(h)s "%(r)s" %(s)s %(b)s %(M)sms rid=%({x-request-id}o)s'
+if tracing.wanted():  # the call's trace (00-<trace id>-<span id>-<flags>), from the answer's header
+    access_log_format += " trace=%({traceresponse}o)s"
 wsgi_app = "api.app:create_app()"
 # No control socket: it lives at one path per user, and several servers on one host would collide.
 control_socket_disable = True
@@ -63,6 +66,10 @@ control_socket_disable = True
 def when_ready(server):
     host = "HOST" if _settings.host in ("0.0.0.0", "::") else _settings.host
     logging.getLogger("api").info("FastGPT rerank URL: http://%s:%d/v1/rerank", host, _settings.port)
+
+
+def worker_exit(server, worker):
+    tracing.shutdown()  # what is still buffered leaves before the process does
 
 
 def on_exit(server):

@@ -32,7 +32,7 @@ from api import job_results
 from api.dispatch import check_instruction
 from api.errors import ApiError
 from api.job_inputs import Entry, Truncated
-from shared import names, redis_client
+from shared import names, redis_client, tracing
 from shared.feed import Feeder
 from shared.jobs import Job, JobStore, Refusal, new_job_id, owner_of
 from shared.schemas import JobItem, ScoreOptions
@@ -202,7 +202,8 @@ class JobService:
         self.storage.write_bytes(self.storage.index_path(job_id), json.dumps(cutter.piece_starts).encode())
         job = Job(id=job_id, model=model.name, status="queued", owner=owner, items_total=cutter.items,
                   pairs_total=cutter.pairs, pieces_total=cutter.pieces, created_at=created,
-                  input_bytes=cutter.bytes_stored, options=options.model_dump_json())
+                  input_bytes=cutter.bytes_stored, options=options.model_dump_json(),
+                  traceparent=tracing.traceparent())
         replicas = redis_client.replicas_to_wait_for(self.settings)
         accepted, held_by = self.store.accept(job, replicas, self.settings.redis_wait_timeout)
         if not accepted:

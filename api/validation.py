@@ -12,6 +12,7 @@ from flask import request
 from pydantic import BaseModel, RootModel, ValidationError
 
 from api.errors import ApiError
+from shared import tracing
 from shared.settings import ModelSpec, Settings
 
 M = TypeVar("M", bound=BaseModel)
@@ -35,6 +36,11 @@ def replace_lone_surrogates(body: bytes) -> bytes:
 
 
 def parse_body(model: type[M]) -> M:
+    with tracing.span("rerank.validate", {"rerank.schema": model.__name__}):
+        return _parse_body(model)
+
+
+def _parse_body(model: type[M]) -> M:
     try:
         body = request.get_data(cache=False)  # over MAX_CONTENT_LENGTH: 413 before we read it
     except OSError:  # the client stopped sending for CLIENT_TIMEOUT seconds (api/http_worker.py)

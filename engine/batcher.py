@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from engine.backends import Backend, PaddedBatch
+from engine.cost import ATTENTION_KNEE, padded_cost  # noqa: F401 - the one definition (engine/cost.py)
 from engine.errors import Cancelled, EngineFailed, Expired, OutOfMemory  # noqa: F401  (Cancelled, Expired re-exported)
 
 log = logging.getLogger(__name__)
@@ -38,16 +39,6 @@ BULK = 1
 WINDOW_BUDGETS = {REALTIME: 8, BULK: 64}
 WINDOW_PAIRS = 4096
 
-#: Width beyond which attention, quadratic in length, outweighs the rest of a forward pass.
-ATTENTION_KNEE = 512
-
-
-
-def padded_cost(rows: int, width: int) -> float:
-    """What a batch costs against MAX_BATCH_TOKENS: its padded tokens (rows x width), scaled by
-    width / 512 beyond 512 tokens because attention grows with the square of the length (v2-m3 at
-    8192 tokens: one pair counts 131 072, as much as 256 pairs of 512)."""
-    return rows * width * max(1.0, width / ATTENTION_KNEE)
 
 
 def plan_batches(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
@@ -95,15 +86,30 @@ def pick_around(lengths: Sequence[int] | np.ndarray, anchor: int, max_tokens: in
             return order[lo : hi + 1].tolist()
 
 
+@dataclass
+class Timings:
+    """When a request's batches ran, for a trace (asked for with `timed=True`; shared/tracing.py
+    turns it into spans in the worker). Wall-clock seconds (time.time(), comparable across the
+    host's processes); 0.0 until its first batch ran. rows and tokens are those of the batches
+    it rode in, summed: a request scored in one batch gets that batch's size and tokens."""
+
+    started: float = 0.0  # first batch launched
+    finished: float = 0.0  # last batch's logits back
+    batches: int = 0
+    rows: int = 0
+    padded_tokens: int = 0
+    real_tokens: int = 0
+
+
 class Ticket:
     """One request's pair inputs in the batcher; its logits fill in as batches finish."""
 
     __slots__ = ("lengths", "ids", "starts", "pending", "pending_tokens", "results", "remaining", "priority",
-                 "deadline", "tag", "error", "done", "on_done")
+                 "deadline", "tag", "error", "done", "on_done", "timings")
 
     def __init__(self, lengths: np.ndarray, ids: np.ndarray, *, priority: int = REALTIME,
                  deadline: float | None = None, tag: str | None = None,
-                 on_done: Callable[[Ticket], None] | None = None) -> None:
+                 on_done: Callable[[Ticket], None] | None = None, timed: bool = False) -> None:
         self.lengths = np.asarray(lengths, dtype=np.int32)
         self.ids = np.asarray(ids, dtype=np.int32)
         self.starts = np.cumsum(self.lengths, dtype=np.int64) - self.lengths
@@ -118,6 +124,7 @@ class Ticket:
         self.error: BaseException | None = None
         self.done = threading.Event()
         self.on_done = on_done
+        self.timings = Timings() if timed else None
         if self.remaining == 0:
             self._finish()
 
@@ -176,8 +183,8 @@ class Batcher:
     # --- producer side ---------------------------------------------------------------------------------
     def submit(self, lengths: np.ndarray, ids: np.ndarray, *, priority: int = REALTIME,
                deadline: float | None = None, tag: str | None = None,
-               on_done: Callable[[Ticket], None] | None = None) -> Ticket:
-        ticket = Ticket(lengths, ids, priority=priority, deadline=deadline, tag=tag, on_done=on_done)
+               on_done: Callable[[Ticket], None] | None = None, timed: bool = False) -> Ticket:
+        ticket = Ticket(lengths, ids, priority=priority, deadline=deadline, tag=tag, on_done=on_done, timed=timed)
         if ticket.remaining:
             with self._cond:
                 if self._stopped:
@@ -342,6 +349,8 @@ class Batcher:
                                       padded_tokens=batch.rows * batch.width,
                                       cost=padded_cost(batch.rows, batch.width),
                                       seconds=time.perf_counter() - started, forward_cpu=cpu))
+        if any(ticket.timings is not None for ticket, _ in batch.groups):
+            self._time(batch, started)
         row = 0
         for ticket, taken in batch.groups:
             n = len(taken)
@@ -351,6 +360,21 @@ class Batcher:
                 if ticket.remaining == 0:
                     ticket._finish()
             row += n
+
+    @staticmethod
+    def _time(batch: _Batch, started: float) -> None:
+        """Record the batch in the timings of the requests that asked (before any is finished)."""
+        end = time.time()
+        start = end - (time.perf_counter() - started)
+        for ticket, _ in batch.groups:
+            t = ticket.timings
+            if t is not None:
+                t.started = t.started or start
+                t.finished = end
+                t.batches += 1
+                t.rows += batch.rows
+                t.padded_tokens += batch.rows * batch.width
+                t.real_tokens += batch.real_tokens
 
     def _split(self, batch: _Batch) -> None:
         """Out of memory: run the two halves one after the other (recursively)."""

@@ -1,6 +1,6 @@
 """Text -> pair inputs, and pair logits -> document logits: the one place that knows the layout.
 
-Layout and truncation follow FlagEmbedding's `FlagReranker.compute_score` (CONTRACT §4), the
+Layout and truncation follow FlagEmbedding's `FlagReranker.compute_score` (docs/reference-scoring.md#flagembeddings-flagreranker), the
 reference the scores must match: the query is cut to `max_length * 3 // 4` tokens, the passage to
 what is left, and the pair is `<s> q </s></s> p </s>`. A `DocumentPolicy` may instead cut a long
 document from the left (TEI), cap it first (Cohere v2 `max_tokens_per_doc`), refuse it (TEI's
@@ -25,7 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.errors import InputTooLong  # noqa: F401  (re-exported: encoding raises it)
+from engine.cost import query_cap
+from engine.errors import InputTooLong, InstructionNotAccepted  # noqa: F401  (re-exported: encoding raises them)
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +122,54 @@ def window_starts(length: int, size: int, overlap: int, max_chunks: int, directi
     return starts, truncated
 
 
+def document_spans(lengths: Sequence[int], rooms: Sequence[int], policy: DocumentPolicy, max_length: int
+                   ) -> tuple[list[list[tuple[int, int]]], np.ndarray | None]:
+    """Which tokens of each document go into its pair inputs: one span (the cut of `policy`), or
+    its windows when chunked; and, chunked, whether windows ran out. `rooms[d]` is the room for
+    document d's tokens in one pair. Shared by every family (engine/families/)."""
+    spans: list[list[tuple[int, int]]] = []
+    truncated = np.zeros(len(lengths), dtype=bool) if policy.chunked else None
+    for index, (n, room) in enumerate(zip(lengths, rooms)):
+        lo, hi = 0, n
+        if policy.max_doc_tokens is not None and hi > policy.max_doc_tokens:
+            lo, hi = (hi - policy.max_doc_tokens, hi) if policy.direction == "left" else (0, policy.max_doc_tokens)
+        length = hi - lo
+        if policy.chunked:
+            starts, cut = window_starts(length, room, policy.chunk_overlap, policy.max_chunks, policy.direction)
+            truncated[index] = cut
+            spans.append([(lo + s, lo + min(s + room, length)) for s in starts])
+        elif length > room and not policy.truncate:
+            raise InputTooLong(f"document {index} makes a pair of more than {max_length} tokens "
+                               f"(the model's max_length) and truncation is off")
+        elif policy.direction == "left":
+            spans.append([(max(lo, hi - room), hi)])
+        else:
+            spans.append([(lo, lo + min(room, length))])
+    return spans, truncated
+
+
+def pack(heads: Sequence[Sequence[int]], doc_ids: Sequence[Sequence[int]], spans: Sequence[Sequence[tuple[int, int]]],
+         tail: Sequence[int], *, truncated: np.ndarray | None = None, characters: int = 0, tokenized: int = 0) -> Encoded:
+    """Pair inputs `head[d] + doc[b:e] + tail` for each span of each document, packed."""
+    tail_a = np.asarray(tail, dtype=np.int32)
+    heads_a = [np.asarray(h, dtype=np.int32) for h in heads]
+    owners = np.asarray([i for i, s in enumerate(spans) for _ in s], dtype=np.int32)
+    lengths = np.asarray([len(heads_a[i]) + (e - b) + len(tail_a) for i, s in enumerate(spans) for b, e in s],
+                         dtype=np.int32)
+    ids = np.empty(int(lengths.sum()), dtype=np.int32)
+    pos = 0
+    for head, d, doc_spans in zip(heads_a, doc_ids, spans):
+        for b, e in doc_spans:
+            ids[pos : pos + len(head)] = head
+            pos += len(head)
+            ids[pos : pos + e - b] = d[b:e]
+            pos += e - b
+            ids[pos : pos + len(tail_a)] = tail_a
+            pos += len(tail_a)
+    return Encoded(lengths=lengths, ids=ids, owners=owners, documents=len(doc_ids), truncated=truncated,
+                   characters=characters, tokenized=tokenized)
+
+
 def best_per_document(logits: np.ndarray, encoded: Encoded) -> tuple[np.ndarray, np.ndarray]:
     """Each document's best window logit, and how many windows it had."""
     best = np.full(encoded.documents, -np.inf, dtype=np.float64)
@@ -129,7 +178,12 @@ def best_per_document(logits: np.ndarray, encoded: Encoded) -> tuple[np.ndarray,
 
 
 class Encoder:
-    """A tokenizer with the pair layout of its model and the model's length limits."""
+    """A tokenizer with the pair layout of its model and the model's length limits: the
+    cross-encoder family's encoder (engine/families/cross_encoder.py), and the base of the others."""
+
+    family = "cross-encoder"
+    activation = "sigmoid"  # engine/scoring.py: what turns a raw score into relevance
+    takes_instruction = False
 
     def __init__(self, tokenizer, *, max_length: int, limit: int, prefix: Sequence[int], middle: Sequence[int],
                  suffix: Sequence[int], pad_id: int) -> None:
@@ -142,18 +196,7 @@ class Encoder:
     @classmethod
     def load(cls, source: str, max_length: int = 512) -> Encoder:
         """The tokenizer of a Hugging Face id or a local folder, and its model's limits."""
-        from tokenizers import Tokenizer
-
-        config = json.loads(Path(_checkpoint_file(source, "config.json")).read_text())
-        tokenizer_file = _checkpoint_file(source, "tokenizer.json", required=False)
-        if tokenizer_file is not None:
-            tokenizer = Tokenizer.from_file(tokenizer_file)
-        else:  # only a slow (sentencepiece) tokenizer: let transformers convert it once
-            from transformers import AutoTokenizer
-
-            tokenizer = Tokenizer.from_str(AutoTokenizer.from_pretrained(source).backend_tokenizer.to_str())
-        tokenizer.no_truncation()
-        tokenizer.no_padding()
+        tokenizer, config = load_tokenizer(source)
         # XLM-R numbers positions from pad_token_id + 1, so two slots of the table are never used.
         pad_id = int(config.get("pad_token_id", tokenizer.token_to_id("<pad>")))
         limit = int(config["max_position_embeddings"]) - pad_id - 1
@@ -167,6 +210,16 @@ class Encoder:
     def specials(self) -> int:
         return len(self.prefix) + len(self.middle) + len(self.suffix)
 
+    @property
+    def template_tokens(self) -> int:
+        """Tokens a pair carries besides the query and the document (engine/cost.py Layout)."""
+        return self.specials
+
+    def describe(self) -> dict[str, object]:
+        """What the heartbeat and /v1/models say of the family (worker/context.py)."""
+        return {"family": self.family, "instruction": self.takes_instruction, "context_length": self.max_length,
+                "activation": self.activation, "template_tokens": self.template_tokens}
+
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids without special tokens (the Rust tokenizer runs with the GIL released)."""
         if not texts:
@@ -175,7 +228,7 @@ class Encoder:
 
     def query_ids(self, query: str, max_length: int) -> list[int]:
         """The query's tokens, cut to 3/4 of max_length (FlagEmbedding's query_max_length)."""
-        cap = max_length * 3 // 4
+        cap = query_cap(max_length)
         return self._bounded_tokens([query], [cap], "right")[0][0][:cap]
 
     def room(self, q_ids: Sequence[int], max_length: int) -> int:
@@ -187,49 +240,21 @@ class Encoder:
 
     # --- the main entry ----------------------------------------------------------------------------
     def encode(self, query: str, documents: Sequence[str], policy: DocumentPolicy = DocumentPolicy(),
-               max_length: int | None = None) -> Encoded:
-        """Pair inputs of `query` with each document, as `policy` says long documents are handled."""
+               max_length: int | None = None, *, instruction: str | None = None) -> Encoded:
+        """Pair inputs of `query` with each document, as `policy` says long documents are handled.
+        A cross-encoder takes no instruction (InstructionNotAccepted)."""
+        if instruction is not None:
+            raise InstructionNotAccepted(f"{self.family} models take no instruction")
         max_length = min(max_length or self.max_length, self.limit)
         q_ids = self.query_ids(query, max_length)
         room = self.room(q_ids, max_length)
         needed = _tokens_needed(room, policy)
         doc_ids, characters, tokenized = self._bounded_tokens(documents, [needed] * len(documents), policy.direction)
 
-        spans: list[list[tuple[int, int]]] = []
-        truncated = np.zeros(len(documents), dtype=bool) if policy.chunked else None
-        for index, d in enumerate(doc_ids):
-            lo, hi = 0, len(d)
-            if policy.max_doc_tokens is not None and hi > policy.max_doc_tokens:
-                lo, hi = (hi - policy.max_doc_tokens, hi) if policy.direction == "left" else (0, policy.max_doc_tokens)
-            length = hi - lo
-            if policy.chunked:
-                starts, cut = window_starts(length, room, policy.chunk_overlap, policy.max_chunks, policy.direction)
-                truncated[index] = cut
-                spans.append([(lo + s, lo + min(s + room, length)) for s in starts])
-            elif length > room and not policy.truncate:
-                raise InputTooLong(f"document {index} makes a pair of more than {max_length} tokens "
-                                   f"(the model's max_length) and truncation is off")
-            elif policy.direction == "left":
-                spans.append([(max(lo, hi - room), hi)])
-            else:
-                spans.append([(lo, lo + min(room, length))])
-
-        head = np.asarray(self.prefix + q_ids + self.middle, dtype=np.int32)
-        tail = np.asarray(self.suffix, dtype=np.int32)
-        owners = np.asarray([i for i, s in enumerate(spans) for _ in s], dtype=np.int32)
-        lengths = np.asarray([len(head) + (e - b) + len(tail) for s in spans for b, e in s], dtype=np.int32)
-        ids = np.empty(int(lengths.sum()), dtype=np.int32)
-        pos = 0
-        for d, doc_spans in zip(doc_ids, spans):
-            for b, e in doc_spans:
-                ids[pos : pos + len(head)] = head
-                pos += len(head)
-                ids[pos : pos + e - b] = d[b:e]
-                pos += e - b
-                ids[pos : pos + len(tail)] = tail
-                pos += len(tail)
-        return Encoded(lengths=lengths, ids=ids, owners=owners, documents=len(documents), truncated=truncated,
-                       characters=characters, tokenized=tokenized)
+        spans, truncated = document_spans([len(d) for d in doc_ids], [room] * len(doc_ids), policy, max_length)
+        head = self.prefix + q_ids + self.middle
+        return pack([head] * len(doc_ids), doc_ids, spans, self.suffix, truncated=truncated,
+                    characters=characters, tokenized=tokenized)
 
     def encode_pairs(self, pairs: Sequence[tuple[str, str]], max_length: int | None = None) -> tuple[Encoded, np.ndarray]:
         """Many (query, document) pairs as one Encoded (each distinct query tokenized once), and
@@ -280,6 +305,23 @@ def _cut(text: str, tokens: int, direction: str) -> str:
     if len(text) <= limit:
         return text
     return text[-limit:] if direction == "left" else text[:limit]
+
+
+def load_tokenizer(source: str):
+    """A checkpoint's `tokenizers.Tokenizer` (truncation and padding off) and its config.json."""
+    from tokenizers import Tokenizer
+
+    config = json.loads(Path(_checkpoint_file(source, "config.json")).read_text())
+    tokenizer_file = _checkpoint_file(source, "tokenizer.json", required=False)
+    if tokenizer_file is not None:
+        tokenizer = Tokenizer.from_file(tokenizer_file)
+    else:  # only a slow (sentencepiece) tokenizer: let transformers convert it once
+        from transformers import AutoTokenizer
+
+        tokenizer = Tokenizer.from_str(AutoTokenizer.from_pretrained(source).backend_tokenizer.to_str())
+    tokenizer.no_truncation()
+    tokenizer.no_padding()
+    return tokenizer, config
 
 
 def _checkpoint_file(source: str, name: str, required: bool = True) -> str | None:

@@ -16,15 +16,18 @@ bound is right from the first request (api/admission.py).
 
 from __future__ import annotations
 
+import dataclasses
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from engine import families
 from engine.batcher import REALTIME, Batcher, BatchStats
 from engine.encoding import DocumentPolicy, Encoded, Encoder, best_per_document
+from engine.scoring import activation
 
 
 @dataclass(frozen=True)
@@ -32,7 +35,9 @@ class EngineConfig:
     """What an engine needs to start; the worker fills it from the settings (shared/settings.py)."""
 
     source: str  # Hugging Face id or local folder
-    max_length: int = 512
+    max_length: int | None = None  # None: the family's default context (512 cross-encoder, 8192 Qwen3)
+    family: str | None = None  # engine/families/; None: the one config.json implies
+    template: Mapping[str, str] | None = None  # the family's prompt strings overridden (JSON MODELS)
     device: str = "auto"  # auto, cpu, cuda, cuda:N, or sim (a simulated H100)
     dtype: str = "auto"
     max_batch_tokens: int | None = None  # None: by device (backends.default_batch_tokens)
@@ -46,7 +51,8 @@ class EngineConfig:
     @classmethod
     def from_settings(cls, settings, spec) -> EngineConfig:
         """The engine of a served model (shared.settings.ModelSpec) under the service's settings."""
-        return cls(source=spec.source, max_length=spec.max_length, device=settings.device, dtype=settings.dtype,
+        return cls(source=spec.source, max_length=spec.max_length, family=spec.family, template=spec.template,
+                   device=settings.device, dtype=settings.dtype,
                    max_batch_tokens=settings.max_batch_tokens, cuda_graphs=settings.cuda_graphs,
                    graph_max_tokens=settings.cuda_graph_max_tokens, sim_profile=settings.sim_profile,
                    torch_threads=settings.torch_threads, log_level=settings.log_level, log_json=settings.log_json)
@@ -71,8 +77,10 @@ class _Local:
         self.batcher = batcher
         self.info = info
 
-    def submit(self, encoded: Encoded, *, priority: int, deadline: float | None = None, tag: str | None = None):
-        return self.batcher.submit(encoded.lengths, encoded.ids, priority=priority, deadline=deadline, tag=tag)
+    def submit(self, encoded: Encoded, *, priority: int, deadline: float | None = None, tag: str | None = None,
+               timed: bool = False):
+        return self.batcher.submit(encoded.lengths, encoded.ids, priority=priority, deadline=deadline, tag=tag,
+                                   timed=timed)
 
     def wait_ready(self, timeout: float | None) -> bool:
         return True
@@ -109,7 +117,10 @@ class Engine:
         """An engine in this process, in a process of its own (`process`), or the shared engine
         on `socket` (waiting up to `wait` seconds for it; it is rejoined whenever it restarts)."""
         started = time.perf_counter()
-        encoder = Encoder.load(config.source, config.max_length)
+        family = families.family_of(config.source, config.family)
+        encoder = family.encoder(config.source, config.max_length, config.template)
+        # The backend and the batcher see the family and the context length the encoder settled on.
+        config = dataclasses.replace(config, family=family.NAME, max_length=encoder.max_length)
         if socket is not None:
             from engine.transport import EngineClient
 
@@ -126,16 +137,17 @@ class Engine:
             batcher, info = build_runtime(config, on_batch=on_batch)
             scorer = _Local(batcher, info)
         about = dict(max_length=encoder.max_length, limit=encoder.limit, engine_process=process or socket is not None,
-                     start_seconds=round(time.perf_counter() - started, 2))
+                     start_seconds=round(time.perf_counter() - started, 2), **encoder.describe())
         return cls(encoder, scorer, about)
 
     # --- scoring -----------------------------------------------------------------------------------------------
     def score(self, query: str, documents: Sequence[str], policy: DocumentPolicy = DocumentPolicy(), *,
               priority: int = REALTIME, deadline: float | None = None, tag: str | None = None,
-              timeout: float | None = None) -> Scores:
-        """Each document's logit for the query (sigmoid is the caller's: shared/ranking.py): encode,
-        run and merge in one call."""
-        encoded = self.encoder.encode(query, documents, policy)
+              timeout: float | None = None, instruction: str | None = None) -> Scores:
+        """Each document's raw score for the query (the family's activation is the caller's:
+        shared/ranking.py). `instruction` None: the model's default; a family that takes none
+        raises InstructionNotAccepted for any other."""
+        encoded = self.encoder.encode(query, documents, policy, instruction=instruction)
         return self.merge(encoded, self.run(encoded, priority=priority, deadline=deadline, tag=tag, timeout=timeout))
 
     def run(self, encoded: Encoded, *, priority: int = REALTIME, deadline: float | None = None,
@@ -144,9 +156,10 @@ class Engine:
         return self.submit(encoded, priority=priority, deadline=deadline, tag=tag).wait(timeout)
 
     def submit(self, encoded: Encoded, *, priority: int = REALTIME, deadline: float | None = None,
-               tag: str | None = None):
-        """Queue encoded pair inputs; the returned handle's `wait(timeout)` gives their logits."""
-        return self.scorer.submit(encoded, priority=priority, deadline=deadline, tag=tag)
+               tag: str | None = None, timed: bool = False):
+        """Queue encoded pair inputs; the returned handle's `wait(timeout)` gives their logits, and
+        with `timed` its `timings` say when its batches ran (engine.batcher.Timings, for traces)."""
+        return self.scorer.submit(encoded, priority=priority, deadline=deadline, tag=tag, timed=timed)
 
     @staticmethod
     def merge(encoded: Encoded, logits: np.ndarray) -> Scores:
@@ -158,12 +171,10 @@ class Engine:
 
     def score_pairs(self, pairs: Sequence[tuple[str, str]], *, normalize: bool = True) -> list[float]:
         """Relevance of each (query, document) pair, like sentence-transformers' CrossEncoder.predict:
-        sigmoid scores in [0, 1], or logits if not `normalize`."""
-        from shared.ranking import sigmoid
-
+        the family's activation of the scores (in [0, 1]), or the raw scores if not `normalize`."""
         encoded, where = self.encoder.encode_pairs(pairs)
         logits = self.run(encoded)[where].tolist()
-        return [sigmoid(x) for x in logits] if normalize else logits
+        return [activation(self.encoder.activation)(x) for x in logits] if normalize else logits
 
     def cancel(self, tag: str) -> None:
         """Drop every queued pair of requests tagged `tag` (a cancelled bulk job)."""

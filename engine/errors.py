@@ -2,6 +2,7 @@
 
     EngineError         base of them all: a caller that only wants "the engine said no" catches it
     InputTooLong        encoding: a request that cannot be cut to fit (the API answers 413)
+    InstructionNotAccepted  encoding: an instruction for a family that takes none (400)
     OutOfMemory         a backend: the batch did not fit in device memory (the batcher splits it;
                         a single pair that still does not fit fails its request with it)
     Expired, Cancelled  the batcher: the request's deadline passed, or its job was cancelled
@@ -22,6 +23,10 @@ class EngineError(Exception):
 
 class InputTooLong(EngineError, ValueError):
     """A request whose inputs cannot be cut to fit the model (the caller's mistake: 413)."""
+
+
+class InstructionNotAccepted(EngineError, ValueError):
+    """An instruction was given for a model whose family takes none (a cross-encoder, gemma)."""
 
 
 class OutOfMemory(EngineError):

@@ -2,8 +2,8 @@
 
 On a GPU the model's thread spends its time launching kernels with the GIL held; any other
 Python work in the same process (Celery's threads, JSON, tokenizing the next requests, writing
-results) waits for that GIL or makes the model wait for it (the service delivered 40-60 % of what
-its model did alone when they shared one). So the engine process runs only the model thread and
+results) waits for that GIL or makes the model wait for it (docs/gpu.md#the-whole-service-on-the-h100:
+the service delivered 40-60 % of what its model did alone when they shared one). So the engine process runs only the model thread and
 one thread per connected feeder, reading requests off a Unix socket (engine/transport.py).
 
 Two ways to run it:

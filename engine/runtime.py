@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 
 from engine.backends import PaddedBatch, default_batch_tokens, forward, load_backend
-from engine.batcher import Batcher, BatchStats, padded_cost
+from engine.batcher import Batcher, BatchStats
+from engine.cost import padded_cost
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +57,9 @@ def build_runtime(config, *, on_batch: Callable[[BatchStats], None] | None = Non
     capacity = measure_capacity(backend, budget, config.max_length)
     info.update(max_batch_tokens=budget, capacity=round(capacity, 1),
                 warm_up_seconds=round(time.perf_counter() - started, 2), memory_mib=_resident_mib())
-    log.info("engine ready: %s on %s (%s), %d tokens per batch, capacity %.0f tokens/s at full batches",
-             config.source, info["device"], info.get("backend"), budget, capacity)
+    log.info("engine ready: %s on %s (%s, %s: %s), %d tokens per batch, capacity %.0f tokens/s at full batches",
+             config.source, info["device"], info.get("backend"), info["dtype"], info.get("dtype_reason") or "as configured",
+             budget, capacity)
     return Batcher(backend, max_batch_tokens=budget, on_batch=on_batch).start(), info
 
 
@@ -66,8 +68,7 @@ def measure_capacity(backend, budget: int, max_length: int, seconds: float = CAP
 
     Timed on full-budget passes while the engine warms up, so its feeders announce what it can do
     before the first request: measured on small first calls instead, the pace looks tiny and the
-    admission bound refuses a burst it could serve (a bound from the first small calls refused
-    371 of 400 calls of a burst right after start on an H100).
+    admission bound refuses a burst it could serve (docs/gpu.md#cold-start-and-the-admission-bound).
     """
     width = max(8, min(256, max_length))
     rows = max(1, int(budget // padded_cost(1, width)))

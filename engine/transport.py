@@ -9,14 +9,15 @@ Framing is multiprocessing's (`Connection.send_bytes`: a length, then the bytes)
 byte the kind:
 
   feeder -> engine  H hello(JSON: who the feeder is)
-                    S submit(ticket, priority, deadline, pairs, tag, lengths, ids)
+                    S submit(ticket, priority, deadline, pairs, tag, timed, lengths, ids)
                     C cancel(tag)
   engine -> feeder  I ready(JSON: the engine's description)   F failed(reason: it cannot start)
                     R result(ticket, pairs, extra length, logits, extra JSON)
                     E error(ticket, code, message)   B batch statistics
 
-A result's `extra` is a JSON object (empty today) for per-request facts the engine may add
-later (queue wait, batch sizes) without a change of framing; `Pending.extra` holds it. Ticket
+A result's `extra` is a JSON object of per-request facts, empty unless the request was `timed`:
+then `{"timings": [...]}`, engine.batcher.Timings' fields in order (when its batches ran, for a
+trace: shared/tracing.py), which `Pending.timings` gives back. Ticket
 ids are the feeder's own, one counter per connection. Batch statistics go to one feeder only
 (the longest connected), so a model's pace summed over its feeders counts each batch once.
 
@@ -28,6 +29,7 @@ feeder drops fails that feeder's queued requests, so their pairs are never compu
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import logging
@@ -43,13 +45,13 @@ from typing import Any
 
 import numpy as np
 
-from engine.batcher import Batcher, BatchStats, Ticket
+from engine.batcher import Batcher, BatchStats, Ticket, Timings
 from engine.encoding import Encoded
 from engine.errors import EngineFailed, Expired, code_of, error_of
 
 log = logging.getLogger(__name__)
 
-_SUBMIT = struct.Struct("<QBdIH")  # ticket id, priority, deadline (NaN: none), pairs, tag bytes
+_SUBMIT = struct.Struct("<QBdIHB")  # ticket id, priority, deadline (NaN: none), pairs, tag bytes, timed
 _RESULT = struct.Struct("<QII")  # ticket id, pairs, extra bytes
 _ERROR = struct.Struct("<QB")  # ticket id, error code (engine/errors.py)
 _STATS = struct.Struct("<IIIdddd")  # pairs, real tokens, padded tokens, cost, seconds, forward cpu, unused
@@ -78,6 +80,12 @@ class Pending:
     """A request sent to the engine; `wait()` gives its logits in input order."""
 
     __slots__ = ("done", "logits", "error", "extra")
+
+    @property
+    def timings(self) -> Timings | None:
+        """When its batches ran (a `timed` request's; None otherwise)."""
+        values = self.extra.get("timings")
+        return Timings(*values) if values else None
 
     def __init__(self) -> None:
         self.done = threading.Event()
@@ -168,14 +176,14 @@ class EngineClient:
         self._ready.set()
 
     def submit(self, encoded: Encoded, *, priority: int, deadline: float | None = None,
-               tag: str | None = None) -> Pending:
+               tag: str | None = None, timed: bool = False) -> Pending:
         pending = Pending()
         if not self._ready.is_set():
             raise EngineFailed("the engine is not connected (restarting?)")
         ticket = next(self._ids)
         tag_bytes = (tag or "").encode()
         header = b"S" + _SUBMIT.pack(ticket, priority, math.nan if deadline is None else deadline,
-                                     encoded.pairs, len(tag_bytes)) + tag_bytes
+                                     encoded.pairs, len(tag_bytes), timed) + tag_bytes
         with self._lock:
             self._pending[ticket] = pending
         try:
@@ -392,7 +400,7 @@ class EngineServer:
                 message = conn.recv_bytes()
                 kind = message[:1]
                 if kind == b"S":
-                    ticket_id, priority, deadline, pairs, tag_len = _SUBMIT.unpack_from(message, 1)
+                    ticket_id, priority, deadline, pairs, tag_len, timed = _SUBMIT.unpack_from(message, 1)
                     at = 1 + _SUBMIT.size
                     tag = message[at : at + tag_len].decode() or None
                     at += tag_len
@@ -402,7 +410,7 @@ class EngineServer:
                         feeder.tickets[ticket_id] = None  # type: ignore[assignment]  (placed below)
                     ticket = batcher.submit(lengths, ids, priority=priority,
                                             deadline=None if math.isnan(deadline) else deadline, tag=tag,
-                                            on_done=self._answer(feeder, ticket_id))
+                                            on_done=self._answer(feeder, ticket_id), timed=bool(timed))
                     with feeder.lock:
                         if ticket_id in feeder.tickets:
                             feeder.tickets[ticket_id] = ticket
@@ -434,7 +442,10 @@ class EngineServer:
                 feeder.tickets.pop(ticket_id, None)
             error = ticket.error
             if error is None:
-                feeder.send(b"R" + _RESULT.pack(ticket_id, len(ticket.results), 0) + ticket.results.tobytes())
+                extra = b"" if ticket.timings is None else json.dumps(
+                    {"timings": dataclasses.astuple(ticket.timings)}).encode()
+                feeder.send(b"R" + _RESULT.pack(ticket_id, len(ticket.results), len(extra)) + ticket.results.tobytes()
+                            + extra)
             else:
                 feeder.send(b"E" + _ERROR.pack(ticket_id, code_of(error)) + f"{type(error).__name__}: {error}".encode())
 

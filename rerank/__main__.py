@@ -27,9 +27,11 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("api", help="the API alone under gunicorn on HOST:PORT, against REDIS_URL")
     workers = sub.add_parser("workers", help="start workers only: one per model and GPU, restarted if they die")
     workers.add_argument("--model", action="append", help="only this served model (repeatable)")
-    make = sub.add_parser("make-model", help="save a random-weight XLM-R reranker (no download)")
+    from rerank.random_model import ARCHS, LLM_ARCHS
+
+    make = sub.add_parser("make-model", help="save a random-weight reranker: XLM-R, Qwen3 or Gemma (no download)")
     make.add_argument("out", help="folder to write")
-    make.add_argument("--arch", default="tiny", choices=["tiny", "small", "base", "large", "v2-m3"])
+    make.add_argument("--arch", default="tiny", choices=[*ARCHS, *LLM_ARCHS])
     make.add_argument("--seed", type=int, default=0)
     make.add_argument("--no-weights", action="store_true",
                       help="config and tokenizer only (enough for DEVICE=sim; quick for base/large)")

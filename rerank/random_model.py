@@ -4,8 +4,14 @@ No machine here can download weights, and speed depends on the architecture, not
 So tests and benchmarks build XLM-RoBERTa sequence classifiers with the exact bge-reranker configs
 (docs/reference-scoring.md, "The three checkpoints") or small ones, with a SentencePiece-style
 Unigram tokenizer trained on the spot, and save them with `save_pretrained`: the service then loads them through its real code path.
+The causal-LM families get the same: Qwen3ForCausalLM (`qwen3-*`) and GemmaForCausalLM
+(`gemma-*`) with a byte-level BPE trained on the spot that carries the real special tokens
+(`<|im_start|>`, `<|im_end|>`, `<think>`, `</think>`; `<bos>`, `<eos>`, `<pad>`) and the score
+words as single tokens (`yes`, `no`; `Yes`, `No`).
 
     python -m rerank make-model /tmp/tiny-reranker --arch tiny
+    python -m rerank make-model /tmp/qwen3-rr --arch qwen3-tiny
+    python -m rerank make-model /tmp/qwen3-0.6b --arch qwen3-0.6b --no-weights   # DEVICE=sim
 """
 
 from __future__ import annotations
@@ -25,6 +31,28 @@ ARCHS: dict[str, dict[str, int]] = {
                   max_position_embeddings=514, vocab_size=250002),
     "v2-m3": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
                   max_position_embeddings=8194, vocab_size=250002),
+}
+
+#: Causal-LM architectures: Qwen3-Reranker's three (their config.json shapes) and tiny ones.
+LLM_ARCHS: dict[str, dict] = {
+    "qwen3-tiny": dict(kind="qwen3", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=16, intermediate_size=128, max_position_embeddings=40960,
+                       vocab_size=0, tie_word_embeddings=True),
+    "qwen3-0.6b": dict(kind="qwen3", hidden_size=1024, num_hidden_layers=28, num_attention_heads=16,
+                       num_key_value_heads=8, head_dim=128, intermediate_size=3072, max_position_embeddings=40960,
+                       vocab_size=151669, tie_word_embeddings=True),
+    "qwen3-4b": dict(kind="qwen3", hidden_size=2560, num_hidden_layers=36, num_attention_heads=32,
+                     num_key_value_heads=8, head_dim=128, intermediate_size=9728, max_position_embeddings=40960,
+                     vocab_size=151669, tie_word_embeddings=True),
+    "qwen3-8b": dict(kind="qwen3", hidden_size=4096, num_hidden_layers=36, num_attention_heads=32,
+                     num_key_value_heads=8, head_dim=128, intermediate_size=12288, max_position_embeddings=40960,
+                     vocab_size=151669, tie_word_embeddings=False),
+    "gemma-tiny": dict(kind="gemma", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=1, head_dim=16, intermediate_size=128, max_position_embeddings=8192,
+                       vocab_size=0),
+    "gemma-2b": dict(kind="gemma", hidden_size=2048, num_hidden_layers=18, num_attention_heads=8,
+                     num_key_value_heads=1, head_dim=256, intermediate_size=16384, max_position_embeddings=8192,
+                     vocab_size=256000),
 }
 
 _WORDS = (
@@ -84,6 +112,68 @@ def build_tokenizer(vocab_size: int = 4000, seed: int = 0):
     )
 
 
+QWEN3_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+GEMMA_SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>"]
+
+
+def build_bpe_tokenizer(kind: str, vocab_size: int = 4000, seed: int = 0):
+    """A byte-level BPE like Qwen's (and, with Gemma's special tokens at Gemma's ids 0-3, a
+    stand-in for Gemma's), trained locally, with the score words as single tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    rng = random.Random(seed)
+    words = ["yes", "no", "Yes", "No"]
+    corpus = [sentence(rng, 20) for _ in range(3000)]
+    corpus += [" ".join(rng.choice(words) for _ in range(8)) for _ in range(300)]  # common enough to merge
+    corpus += ["<Instruct>: <Query>: <Document>: A: B: Given a web search query, retrieve relevant passages"] * 50
+    specials = QWEN3_SPECIALS if kind == "qwen3" else GEMMA_SPECIALS
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus, trainer)
+    for word in words:
+        if len(tok.encode(word, add_special_tokens=False).ids) != 1:
+            raise RuntimeError(f"the trained tokenizer splits {word!r}; train on more of it")
+    if kind == "qwen3":
+        return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                       model_max_length=131072)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                                   unk_token="<unk>", model_max_length=8192)
+
+
+def build_causal_model(out_dir: str | Path, arch: str, seed: int = 0, weights: bool = True) -> Path:
+    """Save a random Qwen3ForCausalLM or GemmaForCausalLM reranker of `arch` to `out_dir`."""
+    import torch
+    from transformers import GemmaConfig, GemmaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    out = Path(out_dir)
+    shape = dict(LLM_ARCHS[arch])
+    kind = shape.pop("kind")
+    tokenizer = build_bpe_tokenizer(kind, seed=seed)
+    shape["vocab_size"] = shape["vocab_size"] or len(tokenizer)
+    tiny = arch.endswith("-tiny")
+    if kind == "qwen3":
+        config = Qwen3Config(**shape, bos_token_id=None, eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+                             rope_theta=1000000.0, rms_norm_eps=1e-6, hidden_act="silu",
+                             initializer_range=0.2 if tiny else 0.02)
+        config.architectures, cls = ["Qwen3ForCausalLM"], Qwen3ForCausalLM
+    else:
+        config = GemmaConfig(**shape, pad_token_id=0, eos_token_id=1, bos_token_id=2, hidden_act="gelu_pytorch_tanh",
+                             initializer_range=0.2 if tiny else 0.02)
+        config.architectures, cls = ["GemmaForCausalLM"], GemmaForCausalLM
+    if weights:
+        torch.manual_seed(seed)
+        cls(config).eval().save_pretrained(out)
+    else:
+        config.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
 def build_model(out_dir: str | Path, arch: str = "tiny", seed: int = 0, vocab_size: int | None = None,
                 weights: bool = True) -> Path:
     """Save a random reranker of `arch` (tokenizer included) to `out_dir` and return the path.
@@ -91,6 +181,8 @@ def build_model(out_dir: str | Path, arch: str = "tiny", seed: int = 0, vocab_si
     `weights=False` saves the config and tokenizer only: enough for `DEVICE=sim`, which never
     loads weights, and quick to write even for the large architectures.
     """
+    if arch in LLM_ARCHS:
+        return build_causal_model(out_dir, arch, seed=seed, weights=weights)
     import torch
     from transformers import XLMRobertaConfig, XLMRobertaForSequenceClassification
 

@@ -25,7 +25,7 @@ import time
 import redis
 from celery import Celery
 
-from shared import names
+from shared import names, tracing
 from shared.schemas import PieceTask
 
 log = logging.getLogger(__name__)
@@ -125,7 +125,9 @@ class Feeder:
         )
         if not pieces:
             return 0
-        with self._celery.producer_or_acquire() as producer:
+        # Each piece is a trace of its own (linked to its job's creating call: worker/jobs.py), not
+        # a child of the call or the piece that happened to hand it out.
+        with tracing.detached(), self._celery.producer_or_acquire() as producer:
             for member in pieces:
                 job_id, _, piece = member.decode().rpartition(":")
                 self._celery.send_task(

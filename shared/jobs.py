@@ -149,6 +149,7 @@ class Job:
     started_at: float | None = None
     finished_at: float | None = None
     options: str = "{}"  # its ScoreOptions as JSON (shared/schemas.py): how it is scored and answered
+    traceparent: str = ""  # W3C traceparent of the creating call (its pieces' spans link to it), or ''
 
     @classmethod
     def from_redis(cls, raw: dict[bytes, bytes]) -> Job:
@@ -225,7 +226,7 @@ class JobStore:
             "status": QUEUED, "items_total": job.items_total, "pairs_total": job.pairs_total,
             "pieces_total": job.pieces_total, "items_done": 0, "pairs_done": 0, "pieces_done": 0,
             "pieces_failed": 0, "pieces_fed": 0, "errors": 0, "input_bytes": job.input_bytes,
-            "options": job.options,
+            "options": job.options, "traceparent": job.traceparent,
         }
         flat = [str(v) for pair in fields.items() for v in pair]
         feed = names.feed_keys(job.model)

@@ -1,7 +1,8 @@
 """Log set-up shared by the API, the workers and the launcher: plain lines or JSON lines.
 
 Every line logged while a request is handled carries its request id (the API's `X-Request-Id`,
-passed to the worker inside the task), so one call can be followed API -> Redis -> worker.
+passed to the worker inside the task), so one call can be followed API -> Redis -> worker; with
+tracing on (shared/tracing.py) also its trace id, to find the call's trace from a log line.
 Tokens are never logged: the settings object redacts them and no handler logs headers.
 """
 
@@ -13,19 +14,22 @@ from contextvars import ContextVar
 
 from pythonjsonlogger.json import JsonFormatter
 
+from shared import tracing
 from shared.settings import Settings
 
 request_id: ContextVar[str] = ContextVar("request_id", default="")
 
 PLAIN = "%(asctime)s %(levelname)s [%(process)d %(name)s] %(message)s%(rid)s"
-JSON = "%(asctime)s %(levelname)s %(process)d %(name)s %(message)s %(request_id)s"
+JSON = "%(asctime)s %(levelname)s %(process)d %(name)s %(message)s %(request_id)s %(trace_id)s"
 
 
 class _RequestId(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         rid = request_id.get()
+        trace = tracing.trace_id()
         record.request_id = rid or None
-        record.rid = f" rid={rid}" if rid else ""
+        record.trace_id = trace or None
+        record.rid = (f" rid={rid}" if rid else "") + (f" trace={trace}" if trace else "")
         return True
 
 

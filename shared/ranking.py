@@ -1,22 +1,25 @@
-"""Turning logits into the ranked list a client reads: sigmoid, sort, cut. Pure functions.
+"""Turning logits into the ranked list a client reads: activation, sort, cut. Pure functions.
 
-Done once, after scoring, so realtime calls and bulk jobs rank the same way.
+Done once, after scoring, so realtime calls and bulk jobs rank the same way. The activation is the
+model family's (engine/scoring.py, a pure module: the API imports it without the engine); every
+family served today uses a sigmoid, the default.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
+from engine.scoring import activation as _activation
+from engine.scoring import sigmoid  # noqa: F401 - re-exported: one definition, engine/scoring.py
 from shared.schemas import RerankResult, RerankResultDocument, ScoreOptions, Scored
 
 
-def sigmoid(x: float) -> float:
-    """Logistic function, stable for large |x| (FlagEmbedding's `normalize=True`)."""
-    if x >= 0:
-        return 1.0 / (1.0 + math.exp(-x))
-    z = math.exp(x)
-    return z / (1.0 + z)
+def normalise(logits: Sequence[float], *, raw_scores: bool = False, activation: str | None = None) -> list[float]:
+    """Scores a client reads: the raw logits, or the family's activation of them."""
+    if raw_scores:
+        return [float(x) for x in logits]
+    f = _activation(activation)
+    return [f(x) for x in logits]
 
 
 def rank(
@@ -24,9 +27,10 @@ def rank(
     *,
     raw_scores: bool = False,
     top_n: int | None = None,
+    activation: str | None = None,
 ) -> list[tuple[int, float]]:
     """(index, score) pairs sorted high to low, ties in input order, cut to `top_n`."""
-    scores = list(logits) if raw_scores else [sigmoid(x) for x in logits]
+    scores = normalise(logits, raw_scores=raw_scores, activation=activation)
     order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
     if top_n is not None:
         order = order[:top_n]
@@ -42,6 +46,7 @@ def ranked_results(
     return_documents: bool = False,
     chunks: Sequence[int] | None = None,
     truncated: Sequence[bool] | None = None,
+    activation: str | None = None,
 ) -> list[RerankResult]:
     """The `results` list of a rerank answer (Cohere v1 and v2, Jina; realtime and bulk alike)."""
     return [
@@ -52,7 +57,7 @@ def ranked_results(
             chunks=chunks[i] if chunks is not None else None,
             truncated=bool(truncated[i]) if truncated is not None else None,
         )
-        for i, score in rank(logits, raw_scores=raw_scores, top_n=top_n)
+        for i, score in rank(logits, raw_scores=raw_scores, top_n=top_n, activation=activation)
     ]
 
 

@@ -362,10 +362,14 @@ class ModelCard(BaseModel):
     object: str = "model"
     source: str = Field(description="Hugging Face id or folder the weights come from.")
     max_length: int
+    family: str | None = Field(default=None, description="Model family: cross-encoder, qwen3 or gemma (docs/models.md).")
+    context_length: int | None = Field(default=None, description="Tokens per (query, document) pair the workers serve.")
     workers: int = Field(description="Live workers (from their heartbeats).")
     engines: list[EngineCard] = Field(default_factory=list, description="The engines those workers feed.")
     devices: list[str]
     dtypes: list[str]
+    dtype_reasons: list[str] = Field(default_factory=list, description="Why the workers run that dtype "
+                                                                        "(DTYPE=auto: the device's bf16 support).")
     pairs_per_second: float | None = Field(description="Measured pace of the live workers together.")
     capacity: float | None = Field(
         default=None, description="Padded tokens a second the live workers score at full batches (the 429 bound "
@@ -390,6 +394,8 @@ class TeiInfo(BaseModel):
     model_type: dict
     max_concurrent_requests: int
     max_input_length: int
+    family: str | None = Field(default=None, description="Ours: the model family (cross-encoder, qwen3, gemma).")
+    context_length: int | None = Field(default=None, description="Ours: tokens per pair the workers serve.")
     max_batch_tokens: int
     max_batch_requests: int | None
     max_client_batch_size: int
@@ -398,6 +404,7 @@ class TeiInfo(BaseModel):
     version: str
     simulated: bool = Field(default=False, description="Ours: the workers run on the simulated GPU (DEVICE=sim); "
                                                        "scores are placeholders.")
+    dtype_reason: str | None = Field(default=None, description="Ours: why the workers run model_dtype.")
 
 
 # --- bulk jobs --------------------------------------------------------------------------------------

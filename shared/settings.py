@@ -11,16 +11,30 @@ import json
 import re
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from pydantic import AliasChoices, BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-#: The three checkpoints we are built for: name -> (Hugging Face id, longest input in tokens).
-KNOWN_MODELS: dict[str, tuple[str, int]] = {
-    "bge-reranker-base": ("BAAI/bge-reranker-base", 512),
-    "bge-reranker-large": ("BAAI/bge-reranker-large", 512),
-    "bge-reranker-v2-m3": ("BAAI/bge-reranker-v2-m3", 8192),
+from engine.families import CONTEXT_LENGTHS, FAMILIES, detect_folder  # JSON only: no numpy, no torch
+
+
+class KnownModel(NamedTuple):
+    source: str  # Hugging Face id
+    limit: int  # longest input in tokens
+    family: str  # engine/families/
+    default_length: int  # max_length served when MODELS and MAX_LENGTH say nothing
+
+
+#: The checkpoints we are built for, by the name MODELS may use (docs/models.md has the table).
+KNOWN_MODELS: dict[str, KnownModel] = {
+    "bge-reranker-base": KnownModel("BAAI/bge-reranker-base", 512, "cross-encoder", 512),
+    "bge-reranker-large": KnownModel("BAAI/bge-reranker-large", 512, "cross-encoder", 512),
+    "bge-reranker-v2-m3": KnownModel("BAAI/bge-reranker-v2-m3", 8192, "cross-encoder", 512),
+    "qwen3-reranker-0.6b": KnownModel("Qwen/Qwen3-Reranker-0.6B", 32768, "qwen3", 8192),
+    "qwen3-reranker-4b": KnownModel("Qwen/Qwen3-Reranker-4B", 32768, "qwen3", 8192),
+    "qwen3-reranker-8b": KnownModel("Qwen/Qwen3-Reranker-8B", 32768, "qwen3", 8192),
+    "bge-reranker-v2-gemma": KnownModel("BAAI/bge-reranker-v2-gemma", 8192, "gemma", 512),
 }
 
 #: Redis used when nothing says otherwise (the API or a worker started alone on a dev machine).
@@ -35,6 +49,15 @@ class ModelSpec(BaseModel):
     name: str
     source: str
     max_length: int = Field(ge=8)
+    family: str | None = Field(default=None, description="engine/families/; None: what config.json implies.")
+    template: dict[str, str] | None = Field(default=None, description="The family's prompt strings overridden.")
+
+    @field_validator("family")
+    @classmethod
+    def _family_is_known(cls, value: str | None) -> str | None:
+        if value is not None and value not in FAMILIES:
+            raise ValueError(f"family {value!r} is not one of {sorted(FAMILIES)}")
+        return value
 
     @field_validator("name")
     @classmethod
@@ -82,7 +105,10 @@ class Settings(BaseSettings):
         default="bge-reranker-base",
         description="Served models: 'name[=source]' comma-separated, or a JSON list of objects.",
     )
-    max_length: int = Field(default=512, ge=8, description="Default tokens per (query, document).")
+    max_length: int | None = Field(
+        default=None, ge=8,
+        description="Default tokens per (query, document); unset = each model's own (512 for bge, 8192 for Qwen3).",
+    )
 
     # --- HTTP ---------------------------------------------------------------------------------
     host: str = "0.0.0.0"
@@ -142,7 +168,7 @@ class Settings(BaseSettings):
     cuda_graph_max_tokens: int = Field(
         default=8192, ge=16, description="Largest batch (padded tokens) that gets a CUDA graph."
     )
-    sim_profile: Literal["base", "large", "v2-m3"] | None = Field(
+    sim_profile: Literal["base", "large", "v2-m3", "qwen3-0.6b", "qwen3-4b", "qwen3-8b"] | None = Field(
         default=None, description="DEVICE=sim: the H100 timing table; unset = the one matching the model."
     )
     worker_concurrency: int = Field(default=32, ge=1, description="Celery threads per worker.")
@@ -233,11 +259,14 @@ class Settings(BaseSettings):
         return values
 
 
-def parse_models(value: str, default_max_length: int = 512) -> list[ModelSpec]:
-    """Read `MODELS`: `bge-reranker-base`, `my-model=/models/x,bge-reranker-v2-m3`, or JSON.
+def parse_models(value: str, default_max_length: int | None = None) -> list[ModelSpec]:
+    """Read `MODELS`: `bge-reranker-base`, `my-model=/models/x,qwen3-reranker-0.6b`, or JSON.
 
-    A known name maps to its Hugging Face id; an unknown one needs a source. The JSON form
-    (`[{"name": ..., "source": ..., "max_length": ...}]`) sets max_length per model.
+    A known name maps to its Hugging Face id and family; an unknown one needs a source, and its
+    family is what its config.json names (a folder whose config names Qwen3ForCausalLM is a
+    Qwen3-Reranker) unless the JSON form says (`[{"name": ..., "source": ..., "max_length": ...,
+    "family": ..., "template": {...}}]`). max_length: the entry's, else MAX_LENGTH (never beyond
+    what a known model takes), else the model's own default (docs/models.md).
     """
     value = value.strip()
     entries: list[dict[str, object]]
@@ -253,17 +282,23 @@ def parse_models(value: str, default_max_length: int = 512) -> list[ModelSpec]:
     specs = []
     for entry in entries:
         name = str(entry["name"])
-        known_source, limit = KNOWN_MODELS.get(name, (None, None))
-        source = entry.get("source") or known_source
+        known = KNOWN_MODELS.get(name)
+        source = entry.get("source") or (known.source if known else None)
         if not source:
             raise ValueError(f"model {name!r} is not one of {sorted(KNOWN_MODELS)}: give its source")
+        family = entry.get("family") or (known.family if known and source == known.source else None)
+        family = family or detect_folder(str(source))
+        limit = known.limit if known else None
         if entry.get("max_length"):
             max_length = int(entry["max_length"])  # type: ignore[call-overload]
             if limit is not None and max_length > limit:
                 raise ValueError(f"{name} takes at most {limit} tokens, not {max_length}")
-        else:  # the global default never exceeds what a known model can take
+        elif default_max_length is not None:  # the global default never exceeds what a known model can take
             max_length = min(default_max_length, limit or default_max_length)
-        specs.append(ModelSpec(name=name, source=str(source), max_length=max_length))
+        else:
+            max_length = known.default_length if known else CONTEXT_LENGTHS.get(family or "cross-encoder", 512)
+        specs.append(ModelSpec(name=name, source=str(source), max_length=max_length, family=family,
+                               template=entry.get("template")))
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
         raise ValueError(f"MODELS names a model twice: {names}")

@@ -39,6 +39,22 @@ def model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def qwen3_dir(tmp_path_factory) -> Path:
+    """A tiny random Qwen3ForCausalLM with a BPE carrying Qwen's special tokens: a Qwen3-Reranker folder."""
+    from rerank.random_model import build_model
+
+    return build_model(tmp_path_factory.mktemp("models") / "qwen3-tiny", "qwen3-tiny")
+
+
+@pytest.fixture(scope="session")
+def gemma_dir(tmp_path_factory) -> Path:
+    """A tiny random GemmaForCausalLM (`<bos>`, `Yes` as one token): a bge-reranker-v2-gemma stand-in."""
+    from rerank.random_model import build_model
+
+    return build_model(tmp_path_factory.mktemp("models") / "gemma-tiny", "gemma-tiny")
+
+
+@pytest.fixture(scope="session")
 def tokenizer(model_dir):
     """The tiny model's tokenizer as transformers loads it (to build texts of given token counts)."""
     from transformers import AutoTokenizer
@@ -48,10 +64,11 @@ def tokenizer(model_dir):
 
 @pytest.fixture(scope="session")
 def engine(model_dir) -> Iterator:
-    """The tiny model behind the real engine, in-process (the worker runs the same in a process)."""
+    """The tiny model behind the real engine, in-process (the worker runs the same in a process), in
+    float32: the reference path the scores are compared with (DTYPE=auto: tests/test_cpu_dtype.py)."""
     from engine import Engine, EngineConfig
 
-    started = Engine.start(EngineConfig(source=str(model_dir), device="cpu"))
+    started = Engine.start(EngineConfig(source=str(model_dir), device="cpu", dtype="float32"))
     yield started
     started.stop()
 
@@ -101,6 +118,7 @@ def stack_env(model_dir, redis_url) -> dict[str, str]:
         WORKER_CONCURRENCY="8",
         MAX_CHUNKS="32",
         TORCH_THREADS="1",
+        DTYPE="float32",  # the reference path, scores compared to 1e-6; DTYPE=auto: tests/test_cpu_dtype.py
         LOG_LEVEL="INFO",
     )
 

@@ -76,6 +76,15 @@ def test_cpu_compose_is_the_same_stack_without_the_gpu_reservation(compose):
     assert cpu == gpu
 
 
+def test_qwen3_compose_example_serves_qwen3_reranker_everywhere():
+    out = compose_config("docker-compose.yml", "docker-compose.override.yml", "deploy/compose/qwen3-reranker-0.6b.yml",
+                         env={"ACCESS_TOKEN": "t0k"})
+    assert out.returncode == 0, out.stderr
+    services = yaml.safe_load(out.stdout)["services"]
+    assert services["api"]["environment"]["MODELS"] == services["worker"]["environment"]["MODELS"] == "qwen3-reranker-0.6b"
+    assert services["worker"]["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+
+
 def test_gpu_node_compose_file_needs_shared_redis_and_storage():
     missing = compose_config("docker-compose.worker.yml")
     assert missing.returncode != 0 and "REDIS_URL" in missing.stderr

@@ -22,7 +22,7 @@ from shared.workers import WorkerRegistry
 from tests.procs import ROOT, start_worker, wait_for
 
 K8S = ROOT / "deploy" / "k8s"
-OVERLAYS = ("single-gpu", "fleet")
+OVERLAYS = ("single-gpu", "fleet", "qwen3-reranker")
 #: The oldest Kubernetes the manifests are checked against, and the newest kubernetes-validate knows.
 KUBERNETES_VERSIONS = ("1.29.0", "latest")
 #: Fields of KEDA's Redis list scaler (keda.sh/docs/scalers/redis-lists); its metadata is a free
@@ -125,6 +125,17 @@ def test_scaled_objects_fit_kedas_crd_and_watch_each_models_queues(rendered):
         assert triggers["bulk"]["metadata"]["listName"] == names.bulk_queue(served_model)
         # A waiting realtime call asks for more replicas than a waiting bulk piece.
         assert int(triggers["realtime"]["metadata"]["listLength"]) < int(triggers["bulk"]["metadata"]["listLength"])
+
+
+def test_qwen3_overlay_serves_it_beside_bge_on_its_own_queues(rendered):
+    docs = rendered["qwen3-reranker"]
+    specs = {spec.name: spec for spec in Settings(models=config(docs)["MODELS"]).served_models}
+    assert sorted(workers(docs)) == sorted(specs) == ["bge-reranker-base", "qwen3-reranker-0.6b"]
+    assert (specs["qwen3-reranker-0.6b"].source, specs["qwen3-reranker-0.6b"].family) == ("Qwen/Qwen3-Reranker-0.6B", "qwen3")
+    scaled = named(docs, "ScaledObject", "worker-qwen3-reranker-0.6b")
+    lists = {t["name"]: t["metadata"]["listName"] for t in scaled["spec"]["triggers"]}
+    assert lists == {"realtime": names.realtime_queue("qwen3-reranker-0.6b"), "bulk": names.bulk_queue("qwen3-reranker-0.6b")}
+    assert scaled["spec"]["scaleTargetRef"]["name"] == "worker-qwen3-reranker-0.6b"
 
 
 def test_worker_pods_have_a_gpu_a_model_cache_shared_memory_and_time_to_finish(rendered):

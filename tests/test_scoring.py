@@ -297,8 +297,8 @@ def test_cancel_drops_the_pairs_of_a_tag_not_yet_scored():
 
 def test_engine_process_scores_like_the_in_process_engine_and_reports_its_death(model_dir, engine, pairs):
     died = threading.Event()
-    remote = Engine.start(EngineConfig(source=str(model_dir), device="cpu", torch_threads=1), process=True,
-                          on_exit=lambda reason: died.set())
+    remote = Engine.start(EngineConfig(source=str(model_dir), device="cpu", dtype="float32", torch_threads=1),
+                          process=True, on_exit=lambda reason: died.set())
     try:
         assert remote.info["engine_process"] and remote.info["pid"] != engine.info.get("pid")
         assert remote.info["capacity"] > 0 and remote.info["device"] == "cpu"

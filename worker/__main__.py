@@ -20,7 +20,7 @@ from celery import signals
 
 from engine import Engine, EngineConfig
 from engine.runtime import limit_openmp_spinning
-from shared import names, redis_client
+from shared import names, redis_client, tracing
 from shared.celery_config import make_celery
 from shared.feed import Feeder
 from shared.jobs import JobStore
@@ -75,8 +75,9 @@ def build_context(settings: Settings, spec: ModelSpec) -> WorkerContext:
                         metrics=metrics, pace=pace, chars_per_token=CharsPerToken(), pending=PendingWork(client))
     built.append(ctx)
     info = engine.info
-    log.info("model %s from %s on %s (%s, %s, max_length %d, %d tokens per batch, capacity %.0f tokens/s) "
-             "ready in %.1fs%s", spec.name, spec.source, info["device"], info["dtype"], info.get("backend"),
+    log.info("model %s from %s on %s (%s: %s; %s, max_length %d, %d tokens per batch, capacity %.0f tokens/s) "
+             "ready in %.1fs%s", spec.name, spec.source, info["device"], info["dtype"],
+             info.get("dtype_reason") or "as configured", info.get("backend"),
              info["max_length"], info["max_batch_tokens"], info["capacity"], info["start_seconds"],
              "; SIMULATED device: scores are placeholders" if info.get("simulated") else "")
     return ctx
@@ -90,6 +91,7 @@ def main(argv: list[str] | None = None) -> None:
 
     settings = get_settings()
     configure_logging(settings)
+    tracing.setup("rerank-worker", celery=True)  # off unless OTEL_EXPORTER_OTLP_ENDPOINT is set
     spec = choose_model(settings, args.model)
     ctx = build_context(settings, spec)
 

@@ -52,8 +52,15 @@ class WorkerContext:
             "model": self.spec.name,
             "source": self.spec.source,
             "max_length": info["max_length"],
+            # The model family (engine/families/): whether it takes an instruction, the context
+            # it serves, and the template size the API prices calls with (api/admission.py).
+            "family": info.get("family", "cross-encoder"),
+            "instruction": bool(info.get("instruction", False)),
+            "context_length": int(info.get("context_length", info["max_length"])),
+            "template_tokens": info.get("template_tokens"),
             "device": str(info["device"]),
             "dtype": str(info["dtype"]),
+            "dtype_reason": info.get("dtype_reason"),  # why DTYPE=auto chose it (engine/backends/cpu_dtype.py)
             "backend": info.get("backend"),
             "simulated": bool(info.get("simulated", False)),
             "cuda_graphs": info.get("cuda_graphs", 0),

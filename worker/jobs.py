@@ -9,10 +9,12 @@ engine works and, once it is cancelled, has the engine drop the job's pairs not 
 from __future__ import annotations
 
 import logging
+import time
 
 from engine import BULK, Encoded, Engine
 from engine.errors import Cancelled, EngineFailed
 from shared import jobs as job_state
+from shared import tracing
 from shared.ranking import results_of
 from shared.schemas import PieceTask, ScoreOptions
 from worker.context import WorkerContext
@@ -27,7 +29,11 @@ CANCEL_POLL_SECONDS = 0.25
 def run_piece(ctx: WorkerContext, task: PieceTask) -> str:
     """Score one piece; returns what happened: done, redone, cancelled, skipped-*, or failed."""
     try:
-        return _run_piece(ctx, task)
+        with tracing.span("rerank.piece", {"rerank.job_id": task.job_id, "rerank.piece": task.piece,
+                                           "rerank.model": ctx.spec.name}) as span:
+            outcome = _run_piece(ctx, task)
+            span.set_attribute("rerank.outcome", outcome)
+            return outcome
     finally:  # whatever happened, the next piece of some job gets this one's turn (fair turns)
         try:
             ctx.feeder.piece_ended(ctx.spec.name, task.job_id, task.piece)
@@ -45,19 +51,27 @@ def _run_piece(ctx: WorkerContext, task: PieceTask) -> str:
     if store.piece_done(task.job_id, task.piece):
         return "skipped-duplicate"  # counted already
     store.mark_started(task.job_id)
+    tracing.link_to(job.traceparent)  # the call that created the job
 
     items = list(storage.read_lines(storage.input_path(task.job_id, task.piece)))
     pairs = sum(len(item["documents"]) for item in items)
     options = ScoreOptions.model_validate_json(job.options)
+    tracing.current().set_attributes({"rerank.items": len(items), "rerank.pairs": pairs})
     try:
-        encoded = [encode(ctx, item["query"], item["documents"], options) for item in items]
-        whole = Encoded.concat(encoded)
+        with tracing.span("rerank.tokenize", {"rerank.items": len(items)}) as span:
+            encoded = [encode(ctx, item["query"], item["documents"], options) for item in items]
+            whole = Encoded.concat(encoded)
+            span.set_attributes({"rerank.pairs": whole.pairs, "rerank.tokens": whole.tokens})
         ctx.chars_per_token.record(whole.characters, whole.tokenized)
-        handle = ctx.engine.submit(whole, priority=BULK, tag=task.job_id)
-        while not handle.done.wait(CANCEL_POLL_SECONDS):
-            if store.is_cancelled(task.job_id):
-                ctx.engine.cancel(task.job_id)
-        logits = handle.wait()
+        submitted = time.time()
+        handle = ctx.engine.submit(whole, priority=BULK, tag=task.job_id, timed=tracing.recording())
+        try:
+            while not handle.done.wait(CANCEL_POLL_SECONDS):
+                if store.is_cancelled(task.job_id):
+                    ctx.engine.cancel(task.job_id)
+            logits = handle.wait()
+        finally:
+            tracing.engine_spans(submitted, getattr(handle, "timings", None), **{"rerank.pairs": whole.pairs})
     except Cancelled:
         return "cancelled"
     except EngineFailed:

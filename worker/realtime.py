@@ -7,7 +7,7 @@ import time
 
 from engine import REALTIME, Engine
 from engine.errors import Expired
-from shared import names
+from shared import names, tracing
 from shared.schemas import ScoreReply, ScoreTask
 from worker.context import WorkerContext
 from worker.scoring import encode, failure_of, scored
@@ -44,10 +44,18 @@ def _score(ctx: WorkerContext, task: ScoreTask) -> ScoreReply | None:
     sent_at = task.deadline - ctx.settings.sync_timeout
     if now - sent_at > FRESH_SECONDS and not ctx.pending.waiting(ctx.spec.name, task.call_id):
         return None
-    encoded = encode(ctx, task.query, task.documents, task.options)
+    with tracing.span("rerank.tokenize", {"rerank.documents": len(task.documents)}) as span:
+        encoded = encode(ctx, task.query, task.documents, task.options)
+        span.set_attributes({"rerank.pairs": encoded.pairs, "rerank.tokens": encoded.tokens})
     ctx.chars_per_token.record(encoded.characters, encoded.tokenized)
-    logits = ctx.engine.run(encoded, priority=REALTIME, deadline=task.deadline,
-                            timeout=max(task.deadline - time.time(), 0))
+    timed = tracing.recording()  # the engine times nothing for a call that is not traced
+    submitted = time.time()
+    handle = ctx.engine.submit(encoded, priority=REALTIME, deadline=task.deadline, timed=timed)
+    try:
+        logits = handle.wait(max(task.deadline - time.time(), 0))
+    finally:
+        if timed:
+            tracing.engine_spans(submitted, handle.timings, **{"rerank.pairs": encoded.pairs})
     scores = Engine.merge(encoded, logits)
     log.info("scored %d pairs (%d tokens) in %.1f ms", encoded.pairs, encoded.tokens,
              (time.perf_counter() - started) * 1000)
@@ -56,6 +64,11 @@ def _score(ctx: WorkerContext, task: ScoreTask) -> ScoreReply | None:
 
 def send_reply(ctx: WorkerContext, call_id: str, reply: ScoreReply) -> None:
     """The answer on the caller's list, and the call out of the pending ledger: one round trip."""
+    with tracing.span("rerank.reply", {"rerank.failure": reply.failure.kind} if reply.failure else None):
+        _push_reply(ctx, call_id, reply)
+
+
+def _push_reply(ctx: WorkerContext, call_id: str, reply: ScoreReply) -> None:
     key = names.reply_key(call_id)
     pipe = ctx.redis.pipeline(transaction=False)
     pipe.rpush(key, reply.model_dump_json(exclude_none=True))

@@ -8,20 +8,12 @@ API maps to an HTTP status in one place (api/errors.py FAILURE_STATUS), whatever
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
 
-from engine import DocumentPolicy, Encoded, InputTooLong, Scores
+from engine import DocumentPolicy, Encoded, InputTooLong, InstructionNotAccepted, Scores
 from engine.errors import EngineFailed
 from shared.schemas import Failure, FailureKind, ScoreOptions, Scored
 from worker.context import WorkerContext
-
-try:  # raised by a model family that takes no instruction (the cross-encoders)
-    from engine import InstructionNotAccepted
-except ImportError:  # an engine whose encoders take no instruction at all: refused here, the same way
-
-    class InstructionNotAccepted(ValueError):  # type: ignore[no-redef]
-        """The model takes no instruction."""
 
 
 def policy_of(options: ScoreOptions, max_chunks: int) -> DocumentPolicy:
@@ -35,16 +27,7 @@ def encode(ctx: WorkerContext, query: str, documents: Sequence[str], options: Sc
     """Pair inputs of one (query, documents) call under its options."""
     encoder = ctx.engine.encoder
     policy = policy_of(options, ctx.settings.max_chunks)
-    if options.instruction is None:
-        return encoder.encode(query, documents, policy)
-    if not _takes_instruction(encoder):
-        raise InstructionNotAccepted(f"model {ctx.spec.name!r} takes no instruction (only LLM rerankers "
-                                     "such as Qwen3-Reranker do); leave it out")
     return encoder.encode(query, documents, policy, instruction=options.instruction)
-
-
-def _takes_instruction(encoder) -> bool:
-    return "instruction" in inspect.signature(encoder.encode).parameters
 
 
 def scored(scores: Scores) -> Scored:

@@ -10,7 +10,7 @@ from celery import Task, shared_task
 from celery.exceptions import Reject
 
 from engine.errors import EngineFailed
-from shared import names
+from shared import names, tracing
 from shared.logs import request_id
 from shared.schemas import PieceTask, ScoreTask
 from worker.context import WorkerContext
@@ -36,6 +36,8 @@ def rerank_realtime(self: WorkerTask, payload: dict) -> None:
     task = ScoreTask.model_validate(payload)
     request_id.set(task.request_id)  # every log line of this call carries the API's X-Request-Id
     ctx = self.ctx
+    tracing.current().set_attributes({"rerank.request_id": task.request_id, "rerank.model": ctx.spec.name,
+                                      "rerank.documents": len(task.documents)})
     reply = score_call(ctx, task)
     if reply is None:
         ctx.metrics.task_done("realtime", "dropped")

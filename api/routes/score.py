@@ -16,7 +16,7 @@ from api.answers import answer
 from api.errors import ApiError
 from api.openapi import documented
 from api.validation import parse_body, resolve_model
-from shared.ranking import sigmoid
+from shared.ranking import normalise
 from shared.schemas import ScoreData, Scored, ScoreRequest, ScoreResponse, ScoreUsage
 from shared.settings import Settings
 
@@ -60,6 +60,6 @@ def score():
     raw = options.raw_scores
     return answer(ScoreResponse(
         id=request_id, model=model.name,
-        data=[ScoreData(index=i, score=x if raw else sigmoid(x)) for i, x in enumerate(logits)],
+        data=[ScoreData(index=i, score=x) for i, x in enumerate(normalise(logits, raw_scores=raw))],
         usage=ScoreUsage(prompt_tokens=tokens, total_tokens=tokens),
     ))

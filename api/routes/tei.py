@@ -93,6 +93,8 @@ def tei_info():
         model_type={"reranker": {"id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0}}},
         max_concurrent_requests=settings.api_workers * settings.api_connections,
         max_input_length=spec.max_length,
+        family=next((w["family"] for w in workers if w.get("family")), spec.family),
+        context_length=next((w["context_length"] for w in workers if w.get("context_length")), spec.max_length),
         max_batch_tokens=settings.max_batch_tokens or 0,
         max_batch_requests=None,
         max_client_batch_size=settings.max_documents,
@@ -100,4 +102,5 @@ def tei_info():
         tokenization_workers=settings.worker_concurrency,
         version="1.0",
         simulated=any(w.get("simulated") for w in workers),
+        dtype_reason=workers[0].get("dtype_reason") if workers else None,
     ))

@@ -3,7 +3,7 @@
 A captured graph replays one fixed shape, so batches are padded up to the nearest bucket: rows to
 a power of two, width to a multiple of 32 (16 for the shortest). Only shapes of up to
 `max_tokens` padded tokens get a graph: those are the passes whose time is mostly Python
-launching kernels (shared/gpu README §2); bigger ones keep the GPU busy longer than their launch
+launching kernels (docs/gpu.md#one-forward-pass-by-shape); bigger ones keep the GPU busy longer than their launch
 and run eagerly. Padding never changes a score: padded columns are masked, and a padded row is a
 single attended `<pad>` token whose logit is thrown away (no row is fully masked, so no NaN).
 """

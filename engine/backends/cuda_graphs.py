@@ -1,8 +1,8 @@
 """Replay captured CUDA graphs of the forward pass instead of launching it from Python.
 
 On an H100 an eager forward pass of up to ~16 000 tokens takes as long as Python takes to
-launch its kernels: 5-10 ms for base, 9-20 ms for large, GIL held (shared/gpu README §2). A
-replayed graph launches the same work in about 0.2 ms with identical scores (README §6). So each
+launch its kernels: 5-10 ms for base, 9-20 ms for large, GIL held (docs/gpu.md#one-forward-pass-by-shape). A
+replayed graph launches the same work in about 0.2 ms with identical scores (docs/gpu.md#cuda-graphs-on-the-h100). So each
 bucket shape (buckets.py) is captured once while the worker warms up; a batch is padded up to its
 bucket, copied into the graph's static inputs and replayed. Shapes outside the buckets run
 eagerly. All graphs share one memory pool (they never run at the same time), so the graphs cost

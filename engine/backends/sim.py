@@ -1,7 +1,7 @@
 """A simulated H100 (`DEVICE=sim`): see the GPU path's behaviour on a CPU-only machine.
 
 On the GPU the service is bound by Python launching kernels with the GIL held, not by the device
-(shared/gpu README). This backend reproduces exactly that, from the forward-pass timings measured
+(docs/gpu.md#measured-on-an-h100). This backend reproduces exactly that, from the forward-pass timings measured
 on an H100 (`h100_forward_timing.json`: torch 2.11, fp16, median of 5 passes per shape; `launch_ms`
 until the forward call returned, `total_ms` until the logits were on the CPU):
 for each batch it holds the GIL for the launch time (a busy Python loop, as the model's Python
@@ -9,6 +9,14 @@ code does), then sleeps, GIL released, for the rest of the pass. Times are inter
 (rows x width, log-log) within the measured grid and scaled by cost beyond it. With CUDA graphs
 on, a batch that fits a bucket (buckets.py, padded as the real backend pads it) launches in
 0.2 ms and takes the device time of its padded shape.
+
+Qwen3-Reranker's shapes (`qwen3-0.6b`, `qwen3-4b`, `qwen3-8b`) were never measured; their tables
+are derived from the measured `v2-m3` one (XLM-R large, widths to 8192), shape by shape (`derive`):
+the device time scales by the ratio of forward FLOPs per token at that width (2 x the layer
+weights, plus attention's 4 x width x attention dim per layer, halved for a causal model), and the
+Python launch time by the ratio of kernel launches (layers x kernels per layer: a Qwen3 decoder
+layer launches about twice an XLM-R layer's kernels in eager transformers, with its RMSNorms,
+q/k norms, rotary embedding and gated MLP; an estimate, to be replaced by measurements).
 
 Everything else is real: the real tokenizer, batcher, process, Celery and API. The scores are
 deterministic placeholders computed from the token ids, never fit for correctness; the worker
@@ -32,12 +40,57 @@ from engine.backends.buckets import Buckets, pad_to
 log = logging.getLogger(__name__)
 
 TABLE = Path(__file__).with_name("h100_forward_timing.json")
-#: Launch time of a replayed graph (shared/gpu README §6: 0.8 ms for a whole 1 x 64 base pass).
+#: Launch time of a replayed graph (docs/gpu.md#cuda-graphs-on-the-h100: 0.8 ms for a whole 1 x 64 base pass).
 GRAPH_LAUNCH_MS = 0.2
-#: The shortest replayed pass, end to end, by profile (README §6, 1 x 64: base 0.79, large 1.58 ms).
+#: The shortest replayed pass, end to end, by profile (docs/gpu.md#cuda-graphs-on-the-h100, 1 x 64: base 0.79, large 1.58 ms).
 GRAPH_FLOOR_MS = {"base": 0.76, "large": 1.5, "v2-m3": 1.5}
 #: Which profile a model config is, by (hidden size, layers, position table).
-PROFILES = {(768, 12, 514): "base", (1024, 24, 514): "large", (1024, 24, 8194): "v2-m3"}
+PROFILES = {(768, 12, 514): "base", (1024, 24, 514): "large", (1024, 24, 8194): "v2-m3",
+            (1024, 28, 40960): "qwen3-0.6b", (2560, 36, 40960): "qwen3-4b", (4096, 36, 40960): "qwen3-8b"}
+
+#: Shapes of the measured table the others are derived from, and of the derived profiles
+#: (config.json values; `gated`: a SwiGLU MLP of three matrices; `kernels`: launches per layer
+#: relative to an XLM-R layer).
+MEASURED_SHAPE = dict(hidden=1024, layers=24, heads=16, kv_heads=16, head_dim=64, intermediate=4096,
+                      gated=False, causal=False, kernels=1.0)
+DERIVED = {
+    "qwen3-0.6b": dict(hidden=1024, layers=28, heads=16, kv_heads=8, head_dim=128, intermediate=3072,
+                       gated=True, causal=True, kernels=2.0),
+    "qwen3-4b": dict(hidden=2560, layers=36, heads=32, kv_heads=8, head_dim=128, intermediate=9728,
+                     gated=True, causal=True, kernels=2.0),
+    "qwen3-8b": dict(hidden=4096, layers=36, heads=32, kv_heads=8, head_dim=128, intermediate=12288,
+                     gated=True, causal=True, kernels=2.0),
+}
+
+
+def layer_weights(shape: dict) -> int:
+    """Weights of one layer's matrices (embeddings and norms left out)."""
+    h, q, kv = shape["hidden"], shape["heads"] * shape["head_dim"], shape["kv_heads"] * shape["head_dim"]
+    mlp = (3 if shape["gated"] else 2) * h * shape["intermediate"]
+    return h * q + 2 * h * kv + q * h + mlp
+
+
+def flops_per_token(shape: dict, width: int) -> float:
+    """Forward FLOPs per token of a `width`-token pair: 2 per weight, plus attention's scores and
+    weighted sum (2 x 2 x width x attention dim per layer; half of it under a causal mask)."""
+    attention = 4 * width * shape["heads"] * shape["head_dim"] * (0.5 if shape["causal"] else 1.0)
+    return shape["layers"] * (2 * layer_weights(shape) + attention)
+
+
+def derive(rows: list[dict], shape: dict, base: dict = MEASURED_SHAPE) -> list[dict]:
+    """A timing table for `shape` from one measured for `base` (module docstring): launch time
+    scaled by kernel launches, device time by FLOPs, and the pass takes the longer of the two."""
+    launches = shape["layers"] * shape["kernels"] / (base["layers"] * base["kernels"])
+    out = []
+    for r in rows:
+        device = max(r["total_ms"] - r["launch_ms"], 0.0)  # what the device adds after the launch
+        if r["total_ms"] > 1.5 * r["launch_ms"]:  # device-bound: the whole pass is device time
+            device = r["total_ms"]
+        ratio = flops_per_token(shape, r["width"]) / flops_per_token(base, r["width"])
+        launch = r["launch_ms"] * launches
+        out.append(dict(rows=r["rows"], width=r["width"], launch_ms=round(launch, 3),
+                        total_ms=round(max(launch + (r["total_ms"] - r["launch_ms"]), device * ratio), 3)))
+    return out
 
 
 def _cost(rows: float, width: float) -> float:
@@ -64,12 +117,19 @@ class Timing:
         bound = [r["total_ms"] / _cost(r["rows"], r["width"]) for r in rows
                  if r["total_ms"] > 1.5 * r["launch_ms"] and r["width"] <= 512]
         self.ms_per_cost = float(np.median(bound))  # the device's own pace, where it is the bottleneck
+        if profile in DERIVED:  # a graph's floor is its kernels' launches on the device
+            shape = DERIVED[profile]
+            self.graph_floor_ms = GRAPH_FLOOR_MS["v2-m3"] * shape["layers"] * shape["kernels"] / MEASURED_SHAPE["layers"]
+        else:
+            self.graph_floor_ms = GRAPH_FLOOR_MS[profile]
 
     @classmethod
     def load(cls, profile: str) -> Timing:
         archs = json.loads(TABLE.read_text())["archs"]
+        if profile in DERIVED:
+            return cls(derive(archs["v2-m3"], DERIVED[profile]), profile)
         if profile not in archs:
-            raise ValueError(f"SIM_PROFILE must be one of {sorted(archs)}, not {profile!r}")
+            raise ValueError(f"SIM_PROFILE must be one of {sorted([*archs, *DERIVED])}, not {profile!r}")
         return cls(archs[profile], profile)
 
     def _interp(self, table: dict, rows: int, width: int) -> float:
@@ -92,7 +152,7 @@ class Timing:
 
     def graph(self, rows: int, width: int) -> tuple[float, float]:
         """(launch, total) seconds of a replayed graph of this (padded) shape."""
-        device = GRAPH_FLOOR_MS[self.profile] + self.ms_per_cost * _cost(rows, width)
+        device = self.graph_floor_ms + self.ms_per_cost * _cost(rows, width)
         return GRAPH_LAUNCH_MS / 1000, max(device, GRAPH_LAUNCH_MS) / 1000
 
 
@@ -123,14 +183,14 @@ class SimBackend:
         profile = config.sim_profile or profile_of(model_config)
         if profile is None:
             raise ValueError(f"{config.source} is none of the bge-reranker architectures: name the timing "
-                             f"table to simulate with SIM_PROFILE=base|large|v2-m3")
+                             f"table to simulate with SIM_PROFILE=base|large|v2-m3|qwen3-0.6b|qwen3-4b|qwen3-8b")
         buckets = Buckets(config.graph_max_tokens, config.max_length) if config.cuda_graphs else None
         log.warning("DEVICE=sim: a simulated H100 (%s timings%s); scores are placeholders, not the model's",
                     profile, ", CUDA graphs" if buckets else "")
         return cls(Timing.load(profile), pad_id=int(model_config.pad_token_id or 1), buckets=buckets)
 
     def describe(self) -> dict[str, Any]:
-        return {"device": "sim", "dtype": "float16", "simulated": True,
+        return {"device": "sim", "dtype": "bfloat16" if self.timing.profile in DERIVED else "float16", "simulated": True,
                 "backend": f"simulated H100 ({self.timing.profile}"
                            f"{', CUDA graphs' if self.buckets else ', eager'}); placeholder scores",
                 "cuda_graphs": len(self.buckets.shapes()) if self.buckets else 0}

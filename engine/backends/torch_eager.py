@@ -1,8 +1,11 @@
 """The model as transformers loads it, run eagerly with torch on the CPU or a CUDA device.
 
-Loading follows transformers/sentence-transformers (`AutoModelForSequenceClassification` from a
-Hugging Face id or a local folder). fp16 on CUDA (the reference's fast path), float32 on CPU,
-where half precision is slow; logits always come back as float32.
+The model family builds the module (engine/families/: `AutoModelForSequenceClassification` for
+cross-encoders, as sentence-transformers loads it; a causal LM's base model and score rows for
+Qwen3 and gemma), from a Hugging Face id or a local folder. The dtype is the family's request
+resolved by `cpu_dtype.resolve_dtype`: fp16 on CUDA for cross-encoders (the reference's fast path),
+bf16 on CUDA for causal LMs, bf16 matrix multiplications on a CPU with native bf16 matrix units,
+float32 on other CPUs; logits always come back as float32.
 """
 
 from __future__ import annotations
@@ -14,10 +17,9 @@ import numpy as np
 import torch
 
 from engine.backends import OutOfMemory, PaddedBatch
+from engine.backends.cpu_dtype import bf16_matmuls, resolve_dtype
 
 log = logging.getLogger(__name__)
-
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -27,35 +29,35 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
-    return _DTYPES[name]
-
-
 class TorchBackend:
     def __init__(self, model: torch.nn.Module, *, device: torch.device, dtype: torch.dtype, pad_id: int,
-                 source: str = "") -> None:
+                 source: str = "", dtype_reason: str = "") -> None:
         self.model = model
         self.device = device
         self.dtype = dtype
         self.pad_id = pad_id
         self.source = source
+        self.dtype_reason = dtype_reason
 
     @classmethod
     def load(cls, config) -> TorchBackend:
-        from transformers import AutoModelForSequenceClassification
+        from engine.families import family_of
 
+        # The family builds the module (engine/families/): its `.logits` is one score per row.
+        family = family_of(config.source, getattr(config, "family", None))
         device = resolve_device(config.device)
-        dtype = resolve_dtype(config.dtype, device)
-        model = AutoModelForSequenceClassification.from_pretrained(config.source, dtype=dtype)
+        choice = resolve_dtype(family.dtype(config.dtype, device.type), device)
+        log.info("dtype %s (%s)", str(choice.dtype).removeprefix("torch."), choice.reason)
+        model, pad_id = family.load_model(config.source, choice.load_dtype)
         model.to(device).eval()
-        if model.config.num_labels != 1:
-            raise ValueError(f"{config.source} has {model.config.num_labels} labels; a reranker has one")
-        return cls(model, device=device, dtype=dtype, pad_id=int(model.config.pad_token_id), source=config.source)
+        if choice.bf16_matmuls:
+            bf16_matmuls(model)
+        return cls(model, device=device, dtype=choice.dtype, pad_id=pad_id, source=config.source,
+                   dtype_reason=choice.reason)
 
     def describe(self) -> dict[str, Any]:
-        return {"device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."), "backend": "torch eager"}
+        return {"device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
+                "dtype_reason": self.dtype_reason, "backend": "torch eager"}
 
     def warm_up(self, max_batch_tokens: int) -> None:
         pass  # nothing to capture; the capacity passes of the engine warm the allocator

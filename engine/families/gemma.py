@@ -13,7 +13,7 @@ from __future__ import annotations
 from engine.cost import query_cap
 from engine.families import CONTEXT_LENGTHS
 from engine.families import causal_lm_dtype as _dtype
-from engine.families.prompt import PromptEncoder, limit_of, pad_of
+from engine.families.prompt import PromptEncoder, checked_template, limit_of, pad_of
 
 NAME = "gemma"
 ACTIVATION = "sigmoid"
@@ -46,10 +46,7 @@ class GemmaEncoder(PromptEncoder):
 def encoder(source: str, max_length: int | None = None, template: dict | None = None) -> GemmaEncoder:
     from engine.encoding import load_tokenizer
 
-    template = dict(template or {})
-    unknown = set(template) - TEMPLATE_KEYS
-    if unknown:
-        raise ValueError(f"a gemma template takes {sorted(TEMPLATE_KEYS)}, not {sorted(unknown)}")
+    template = checked_template(template, TEMPLATE_KEYS, "gemma")
     tokenizer, config = load_tokenizer(source)
     limit = limit_of(config)
     bos = config.get("bos_token_id")

@@ -91,6 +91,15 @@ class PromptEncoder(Encoder):
                     characters=sum(map(len, cut)), tokenized=sum(map(len, doc_ids)))
 
 
+def checked_template(template: dict | None, keys: set[str] | frozenset[str], family: str) -> dict:
+    """A template from the JSON form of MODELS, refused if it names a key the family does not take."""
+    template = dict(template or {})
+    unknown = set(template) - set(keys)
+    if unknown:
+        raise ValueError(f"a {family} template takes {sorted(keys)}, not {sorted(unknown)}")
+    return template
+
+
 def limit_of(config: dict) -> int:
     """The longest input a decoder's position table takes."""
     return int(config.get("max_position_embeddings") or 8192)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from engine.families import CONTEXT_LENGTHS
 from engine.families import causal_lm_dtype as _dtype
-from engine.families.prompt import PromptEncoder, limit_of, pad_of, single_token
+from engine.families.prompt import PromptEncoder, checked_template, limit_of, pad_of, single_token
 
 NAME = "qwen3"
 ACTIVATION = "sigmoid"
@@ -51,10 +51,7 @@ class Qwen3Encoder(PromptEncoder):
 def encoder(source: str, max_length: int | None = None, template: dict | None = None) -> Qwen3Encoder:
     from engine.encoding import load_tokenizer
 
-    template = dict(template or {})
-    unknown = set(template) - TEMPLATE_KEYS
-    if unknown:
-        raise ValueError(f"a qwen3 template takes {sorted(TEMPLATE_KEYS)}, not {sorted(unknown)}")
+    template = checked_template(template, TEMPLATE_KEYS, "qwen3")
     tokenizer, config = load_tokenizer(source)
     limit = limit_of(config)
     return Qwen3Encoder(tokenizer, max_length=min(max_length or CONTEXT_LENGTH, limit), limit=limit,

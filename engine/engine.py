@@ -58,6 +58,15 @@ class EngineConfig:
                    torch_threads=settings.torch_threads, log_level=settings.log_level, log_json=settings.log_json)
 
 
+def settle(config: EngineConfig) -> tuple[Encoder, EngineConfig]:
+    """The model's encoder, and the config with the family and context length it settled on: the
+    backend and the batcher must see those, wherever the engine runs (here, a worker's own
+    engine process, or a device's shared one)."""
+    family = families.family_of(config.source, config.family)
+    encoder = family.encoder(config.source, config.max_length, config.template)
+    return encoder, dataclasses.replace(config, family=family.NAME, max_length=encoder.max_length)
+
+
 @dataclass
 class Scores:
     """One request's answer: a logit per document (its best window's when chunked)."""
@@ -117,10 +126,7 @@ class Engine:
         """An engine in this process, in a process of its own (`process`), or the shared engine
         on `socket` (waiting up to `wait` seconds for it; it is rejoined whenever it restarts)."""
         started = time.perf_counter()
-        family = families.family_of(config.source, config.family)
-        encoder = family.encoder(config.source, config.max_length, config.template)
-        # The backend and the batcher see the family and the context length the encoder settled on.
-        config = dataclasses.replace(config, family=family.NAME, max_length=encoder.max_length)
+        encoder, config = settle(config)
         if socket is not None:
             from engine.transport import EngineClient
 

@@ -24,7 +24,7 @@ from tests.procs import Proc, base_env, wait_for
 
 
 def start_engine(model_dir, socket_path: str, log_dir) -> Proc:
-    config = EngineConfig(source=str(model_dir), device="cpu", torch_threads=1)
+    config = EngineConfig(source=str(model_dir), device="cpu", dtype="float32", torch_threads=1)
     return Proc(f"engine-{os.path.basename(socket_path)}",
                 [sys.executable, "-m", "engine", "--socket", socket_path,
                  "--config", json.dumps(dataclasses.asdict(config))], base_env(), log_dir)

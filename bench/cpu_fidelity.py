@@ -51,7 +51,7 @@ def fidelity_model(arch: str) -> Path:
 def lists_for(path: Path, lists: int, docs: int, seed: int) -> list[tuple[str, list[str]]]:
     from transformers import AutoTokenizer
 
-    from bench.run import make_workloads
+    from bench.workloads import make_workloads
 
     tokenizer = AutoTokenizer.from_pretrained(path)
     w = make_workloads(tokenizer, seed=seed, w1_docs=1, w2_clients=lists, w2_requests=1, w3_requests=1,

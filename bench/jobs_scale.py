@@ -27,7 +27,7 @@ import redis
 import requests
 
 from rerank.random_model import build_model, sentence
-from tests.procs import ROOT, base_env, start_api, start_redis, start_worker, wait_for
+from rerank.procs import ROOT, base_env, start_api, start_redis, start_worker, wait_for
 
 DOCS_PER_ITEM = 10
 

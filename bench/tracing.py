@@ -35,8 +35,9 @@ from pathlib import Path
 
 import requests
 
+from rerank.launch import free_port
+from rerank.procs import Proc, base_env, start_api, start_redis, start_worker, wait_for
 from rerank.random_model import build_model, sentence
-from tests.procs import Proc, base_env, free_port, start_api, start_redis, start_worker, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"

@@ -32,9 +32,9 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-CACHE = ROOT / "bench" / ".cache"
-RESULTS = ROOT / "bench" / "results"
+from bench.report import RESULTS
+from bench.stack import CACHE
+
 SPREAD = 8.0  # the scaled head's reference logits span [-SPREAD, SPREAD]
 
 

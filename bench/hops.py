@@ -29,7 +29,8 @@ from pathlib import Path
 
 import requests
 
-from bench.run import RESULTS, Service, machine, model_dir
+from bench.report import RESULTS, machine
+from bench.stack import Service, model_dir
 
 
 def p50(samples: list[float]) -> float:

@@ -10,10 +10,12 @@ from __future__ import annotations
 from celery import Celery
 
 from shared import redis_client
+from shared.kombu_clients import reuse_redis_clients
 from shared.settings import Settings
 
 
 def make_celery(settings: Settings, main: str) -> Celery:
+    reuse_redis_clients()  # shared/kombu_clients.py: one redis-py client per channel, not per operation
     broker_url, sentinel_options = redis_client.broker(settings)  # REDIS_URL=sentinel://…: kombu's form
     app = Celery(main, broker=broker_url, set_as_current=False)
     app.conf.update(

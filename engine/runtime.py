@@ -1,0 +1,95 @@
+"""What an engine process runs before it serves: its process set-up, the model, the warm-up and
+the capacity measurement. Used alike by the engine process (engine/process.py) and by an engine
+in the caller's process (`Engine.start(process=False)`: tests, benchmarks, notebooks).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from engine.backends import PaddedBatch, default_batch_tokens, forward, load_backend
+from engine.batcher import Batcher, BatchStats
+from engine.cost import padded_cost
+
+log = logging.getLogger(__name__)
+
+#: How long the capacity measurement may take at start (at least one full-budget pass is timed).
+CAPACITY_SECONDS = 2.0
+
+#: OpenMP threads spin for ~300k iterations after each parallel region by default; on a CPU host
+#: sharing its cores between the engine, the feeders, Redis and often the API, that spinning
+#: steals the CPU the reply path needs: 10k spins cut 3-4 ms off a 1-document call on 2 cores and
+#: left model speed unchanged. Must be in the environment before torch loads libgomp.
+GOMP_SPINCOUNT = "10000"
+
+
+def limit_openmp_spinning() -> None:
+    os.environ.setdefault("GOMP_SPINCOUNT", GOMP_SPINCOUNT)
+
+
+def configure_engine_process(config) -> None:
+    """Logging and CPU threads of an engine process, before torch loads."""
+    from shared.logs import setup_logging
+
+    setup_logging(config.log_level, config.log_json)
+    limit_openmp_spinning()
+    if config.torch_threads and config.device != "sim":
+        import torch
+
+        torch.set_num_threads(config.torch_threads)
+
+
+def build_runtime(config, *, on_batch: Callable[[BatchStats], None] | None = None
+                  ) -> tuple[Batcher, dict[str, Any]]:
+    """Load the backend, warm it up, measure its capacity, start the batcher."""
+    started = time.perf_counter()
+    backend = load_backend(config)
+    info = backend.describe()
+    budget = config.max_batch_tokens or default_batch_tokens(str(info["device"]).split(":")[0])
+    backend.warm_up(budget)
+    info = backend.describe()  # after warm-up: graphs captured, their memory known
+    capacity = measure_capacity(backend, budget, config.max_length)
+    info.update(max_batch_tokens=budget, capacity=round(capacity, 1),
+                warm_up_seconds=round(time.perf_counter() - started, 2), memory_mib=_resident_mib())
+    log.info("engine ready: %s on %s (%s, %s: %s), %d tokens per batch, capacity %.0f tokens/s at full batches",
+             config.source, info["device"], info.get("backend"), info["dtype"], info.get("dtype_reason") or "as configured",
+             budget, capacity)
+    return Batcher(backend, max_batch_tokens=budget, on_batch=on_batch).start(), info
+
+
+def measure_capacity(backend, budget: int, max_length: int, seconds: float = CAPACITY_SECONDS) -> float:
+    """Padded-token cost the device scores per second at full batches.
+
+    Timed on full-budget passes while the engine warms up, so its feeders announce what it can do
+    before the first request: measured on small first calls instead, the pace looks tiny and the
+    admission bound refuses a burst it could serve (docs/gpu.md#cold-start-and-the-admission-bound).
+    """
+    width = max(8, min(256, max_length))
+    rows = max(1, int(budget // padded_cost(1, width)))
+    rng = np.random.default_rng(0)
+    batch = PaddedBatch(ids=rng.integers(5, 1000, size=(rows, width)).astype(np.int64),
+                        lengths=np.full(rows, width, dtype=np.int32))
+    forward(backend, batch)  # first pass: allocator and kernels warm
+    passes, started = 0, time.perf_counter()
+    while passes < 3 and (passes == 0 or time.perf_counter() - started < seconds):
+        forward(backend, batch)
+        passes += 1
+    return padded_cost(rows, width) * passes / (time.perf_counter() - started)
+
+
+def _resident_mib() -> float | None:
+    """This process's resident memory (host side: the weights on a CPU, the runtime on a GPU)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return None

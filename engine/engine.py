@@ -16,7 +16,6 @@ bound is right from the first request (api/admission.py).
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -24,9 +23,9 @@ from typing import Any
 
 import numpy as np
 
-from engine import families
 from engine.batcher import REALTIME, Batcher, BatchStats
 from engine.encoding import DocumentPolicy, Encoded, Encoder, best_per_document
+from engine.runtime import build_runtime, settle
 from engine.scoring import activation
 
 
@@ -56,15 +55,6 @@ class EngineConfig:
                    max_batch_tokens=settings.max_batch_tokens, cuda_graphs=settings.cuda_graphs,
                    graph_max_tokens=settings.cuda_graph_max_tokens, sim_profile=settings.sim_profile,
                    torch_threads=settings.torch_threads, log_level=settings.log_level, log_json=settings.log_json)
-
-
-def settle(config: EngineConfig) -> tuple[Encoder, EngineConfig]:
-    """The model's encoder, and the config with the family and context length it settled on: the
-    backend and the batcher must see those, wherever the engine runs (here, a worker's own
-    engine process, or a device's shared one)."""
-    family = families.family_of(config.source, config.family)
-    encoder = family.encoder(config.source, config.max_length, config.template)
-    return encoder, dataclasses.replace(config, family=family.NAME, max_length=encoder.max_length)
 
 
 @dataclass
@@ -138,8 +128,6 @@ class Engine:
             scorer = EngineProcess(config, on_batch=on_batch, on_exit=on_exit, hello=hello)
             scorer.start()
         else:
-            from engine.runtime import build_runtime
-
             batcher, info = build_runtime(config, on_batch=on_batch)
             scorer = _Local(batcher, info)
         about = dict(max_length=encoder.max_length, limit=encoder.limit, engine_process=process or socket is not None,

@@ -90,14 +90,12 @@ class EngineProcess(EngineClient):
 
 def serve(config, path: str, *, single: bool = False) -> int:
     """Load, warm up, then serve feeders on `path`; the process's exit status."""
-    from engine.runtime import build_runtime, configure_engine_process
+    from engine.runtime import build_runtime, configure_engine_process, settle
 
     configure_engine_process(config)
     listener = listen(path)  # feeders may connect now; they wait while the model loads
     holder: dict[str, EngineServer] = {}
     try:
-        from engine.engine import settle
-
         _, config = settle(config)  # the family and context length the model's folder implies
         batcher, info = build_runtime(config, on_batch=lambda s: holder["server"].on_batch(s) if holder else None)
     except BaseException as exc:  # noqa: BLE001 - report any failure to load, then exit

@@ -5,6 +5,7 @@ in the caller's process (`Engine.start(process=False)`: tests, benchmarks, noteb
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -13,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from engine import families
 from engine.backends import PaddedBatch, default_batch_tokens, forward, load_backend
 from engine.batcher import Batcher, BatchStats
 from engine.cost import padded_cost
@@ -43,6 +45,15 @@ def configure_engine_process(config) -> None:
         import torch
 
         torch.set_num_threads(config.torch_threads)
+
+
+def settle(config):
+    """The model's encoder (engine/families/), and the EngineConfig with the family and context
+    length it settled on: the backend and the batcher must see those, wherever the engine runs
+    (in the caller's process, a worker's own engine process, or a device's shared one)."""
+    family = families.family_of(config.source, config.family)
+    encoder = family.encoder(config.source, config.max_length, config.template)
+    return encoder, dataclasses.replace(config, family=family.NAME, max_length=encoder.max_length)
 
 
 def build_runtime(config, *, on_batch: Callable[[BatchStats], None] | None = None

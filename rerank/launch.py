@@ -68,8 +68,8 @@ def redis_argv(data: Path, port: int, *, logfile: bool = True) -> list[str]:
     """The launcher's own Redis: loopback only, its append-only file in DATA_DIR, kept small.
 
     Every realtime call's documents pass through Redis and so through its append-only file: the
-    task message (base64) is written when the API queues it and again when a worker takes it,
-    about 2.7 times the request body in all. Redis cannot leave chosen keys out of the file, so it
+    task message is written when the API queues it and again when a worker takes it, about 2.2
+    times the request body in all (2.7 while kombu wrapped bodies in base64). Redis cannot leave chosen keys out of the file, so it
     is compacted instead: Redis rewrites it from the live data (job state and queued work, small)
     whenever it has grown past AOF_REWRITE_MIN_SIZE and doubled since the last rewrite. When the
     disk fills anyway, Redis refuses writes (MISCONF) and takes them again by itself, within a

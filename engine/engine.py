@@ -170,10 +170,30 @@ def configure_child(config: EngineConfig) -> None:
         torch.set_num_threads(config.torch_threads)
 
 
+#: Entries each of the two per-shape kernel caches of torch's oneDNN path keeps (docs/cpu.md,
+#: "Memory under varied load"): about half a MiB each, so both together stay under ~64 MiB.
+KERNEL_CACHE_ENTRIES = "64"
+
+
+def bound_kernel_caches() -> None:
+    """Bound the caches that grow with the number of batch shapes on a CPU's bf16 path.
+
+    bf16 matrix multiplications go through oneDNN, which builds a kernel per input shape (rows x
+    width varies with every batch: hundreds of shapes) and keeps it in two caches of 1024 entries
+    by default: oneDNN's primitive cache (`ONEDNN_PRIMITIVE_CACHE_CAPACITY`) and ideep's
+    (`LRU_CACHE_CAPACITY`). Full, they held about 860 MiB on the tiny model (bench/cpu_memory.py):
+    a plateau, not a leak, but more than a small box should give. Both read their variable when
+    first used, so this works even after torch is imported, as long as no bf16 matmul ran yet;
+    a value set in the environment wins."""
+    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", KERNEL_CACHE_ENTRIES)
+    os.environ.setdefault("LRU_CACHE_CAPACITY", KERNEL_CACHE_ENTRIES)
+
+
 def build_runtime(config: EngineConfig, *, on_batch: Callable[[BatchStats], None] | None = None
                   ) -> tuple[Batcher, dict[str, Any]]:
     """Load the backend, warm it up, measure its capacity, start the batcher."""
     started = time.perf_counter()
+    bound_kernel_caches()
     backend = load_backend(config)
     info = backend.describe()
     budget = config.max_batch_tokens or default_batch_tokens(str(info["device"]).split(":")[0])

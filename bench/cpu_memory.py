@@ -8,8 +8,9 @@ the RSS after every step of batches and the number of distinct shapes seen so fa
 shape grows with the distinct shapes and stops when they do (or when the cache is full); a leak
 grows with the batches.
 
-    python -m bench.cpu_memory --arch tiny --batches 3000
-    python -m bench.cpu_memory --arch tiny --variants bf16,bf16-cache0,bf16-buckets
+    python -m bench.cpu_memory --arch tiny --batches 3000 --variants float32,bf16-before,bf16-caches64,bf16-rows64,bf16
+    python -m bench.cpu_memory --arch base --model bench/.cache/fidelity-base --batches 150 --step 50 \
+        --max-tokens 512 --max-width 128 --rounds 2 --variants bf16-before,bf16-rows64,bf16-caches64
 """
 
 from __future__ import annotations
@@ -25,18 +26,22 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-#: name -> (DTYPE, extra environment, pad widths to buckets)
+#: name -> (DTYPE, extra environment, pad batch shapes to CUDA-graph-like buckets). `before`: the
+#: bf16 path as it was (rows not padded, both kernel caches at their 1024-entry default); `bf16`: as
+#: the engine runs it now (rows padded to 64, both caches at 64 entries: engine.engine.bound_kernel_caches).
+_DEFAULT = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "1024", "LRU_CACHE_CAPACITY": "1024"}
+_BOUND = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "64", "LRU_CACHE_CAPACITY": "64"}
 VARIANTS = {
     "float32": ("float32", {}, False),
-    "bf16": ("bfloat16", {}, False),
-    "bf16-cache0": ("bfloat16", {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "0"}, False),
-    "bf16-cache64": ("bfloat16", {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "64"}, False),
-    "bf16-buckets": ("bfloat16", {}, True),
-    "bf16-cache0-trim": ("bfloat16", {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "0", "TRIM": "1"}, False),
-    "bf16-trim": ("bfloat16", {"TRIM": "1"}, False),
-    "bf16-lru64": ("bfloat16", {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "64", "LRU_CACHE_CAPACITY": "64"}, False),
-    "bf16-lru64-trim": ("bfloat16", {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "64", "LRU_CACHE_CAPACITY": "64",
-                                     "TRIM": "1"}, False),
+    "bf16-before": ("bfloat16", {"ROW_STEP": "0", **_DEFAULT}, False),
+    "bf16-before-trim": ("bfloat16", {"ROW_STEP": "0", **_DEFAULT, "TRIM": "1"}, False),
+    "bf16-onednn-cache0": ("bfloat16", {"ROW_STEP": "0", **_DEFAULT, "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "0"}, False),
+    "bf16-onednn-cache0-trim": ("bfloat16", {"ROW_STEP": "0", **_DEFAULT, "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "0",
+                                             "TRIM": "1"}, False),
+    "bf16-caches64": ("bfloat16", {"ROW_STEP": "0", **_BOUND}, False),
+    "bf16-rows64": ("bfloat16", {"ROW_STEP": "64", **_DEFAULT}, False),
+    "bf16-buckets": ("bfloat16", {"ROW_STEP": "0", **_DEFAULT}, True),
+    "bf16": ("bfloat16", {"ROW_STEP": "64", **_BOUND}, False),
 }
 
 
@@ -54,7 +59,11 @@ def child(args) -> None:
     from engine.backends import PaddedBatch
     from engine.backends.torch_eager import TorchBackend
 
+    from engine.backends import cpu_dtype
+
     torch.set_num_threads(args.threads)
+    if "ROW_STEP" in os.environ:
+        cpu_dtype.ROW_STEP = int(os.environ["ROW_STEP"])
     dtype, _, buckets = VARIANTS[args.variant]
     backend = TorchBackend.load(SimpleNamespace(source=args.model, device="cpu", dtype=dtype, family=None))
     rng = random.Random(args.seed)
@@ -62,7 +71,7 @@ def child(args) -> None:
     ms: set[int] = set()
     out = []
     start_rss = rss_mib()
-    t0 = time.monotonic()
+    t0, c0 = time.monotonic(), time.process_time()
     for i in range(1, args.batches + 1):
         width = rng.randint(4, args.max_width)
         if buckets:
@@ -88,14 +97,15 @@ def child(args) -> None:
             out.append({"batches": i, "shapes": len(shapes), "row_x_width": len(ms), "rss_mib": round(rss_mib(), 1)})
             print(json.dumps({"variant": args.variant, **out[-1]}), flush=True)
     print("RESULT " + json.dumps({"variant": args.variant, "start_rss_mib": round(start_rss, 1),
-                                  "seconds": round(time.monotonic() - t0, 1), "steps": out}), flush=True)
+                                  "seconds": round(time.monotonic() - t0, 1),
+                                  "cpu_seconds": round(time.process_time() - c0, 1), "steps": out}), flush=True)
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--arch", default="tiny")
     p.add_argument("--model", help="a model folder (default: a random one of --arch, built in a temp dir)")
-    p.add_argument("--variants", default="float32,bf16")
+    p.add_argument("--variants", default="float32,bf16-before,bf16")
     p.add_argument("--batches", type=int, default=2000)
     p.add_argument("--step", type=int, default=200)
     p.add_argument("--max-tokens", type=int, default=2048)
@@ -103,6 +113,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--variant", help=argparse.SUPPRESS)
+    p.add_argument("--rounds", type=int, default=1, help="run the variants in turns this many times")
     p.add_argument("--out")
     args = p.parse_args()
     if args.variant:
@@ -113,7 +124,7 @@ def main() -> None:
 
             args.model = str(build_model(Path(tmp) / args.arch, args.arch))
         results = []
-        for name in args.variants.split(","):
+        for name in args.variants.split(",") * args.rounds:
             _, extra, _ = VARIANTS[name]
             cmd = [sys.executable, "-m", "bench.cpu_memory", "--variant", name, "--model", args.model,
                    "--batches", str(args.batches), "--step", str(args.step), "--max-tokens", str(args.max_tokens),
@@ -125,11 +136,16 @@ def main() -> None:
                     results.append(json.loads(line[7:]))
                 else:
                     print(line, flush=True)
-        print("\nvariant        start   after-first-step   end   growth after first step   distinct rows x width")
-        for r in results:
+        print("\nvariant              start  after-first-step    end  growth after first step  distinct rows x width"
+              "   wall s   CPU s   CPU vs first variant of its round")
+        first = None
+        for k, r in enumerate(results):
             s = r["steps"]
-            print(f"{r['variant']:14} {r['start_rss_mib']:6.0f} {s[0]['rss_mib']:10.0f} {s[-1]['rss_mib']:10.0f} "
-                  f"{s[-1]['rss_mib'] - s[0]['rss_mib']:12.0f} {s[-1]['row_x_width']:12d}")
+            if k % len(args.variants.split(",")) == 0:
+                first = r["cpu_seconds"]
+            print(f"{r['variant']:20} {r['start_rss_mib']:6.0f} {s[0]['rss_mib']:10.0f} {s[-1]['rss_mib']:10.0f} "
+                  f"{s[-1]['rss_mib'] - s[0]['rss_mib']:12.0f} {s[-1]['row_x_width']:18d} {r['seconds']:12.1f}"
+                  f" {r['cpu_seconds']:7.1f} {r['cpu_seconds'] / first:8.2f}")
         if args.out:
             Path(args.out).write_text(json.dumps({"arch": args.arch, "args": {k: v for k, v in vars(args).items()
                                                                                if k not in ("variant", "model")},

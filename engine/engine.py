@@ -48,6 +48,7 @@ class EngineConfig:
     graph_max_tokens: int = 8192
     sim_profile: str | None = None  # base, large or v2-m3; None: the one matching the model
     torch_threads: int | None = None
+    torch_compile: bool = False  # CPU: torch.compile (inductor) at warm-up, eager if it fails (docs/cpu.md)
     log_level: str = "INFO"
     log_json: bool = False
 

@@ -57,7 +57,7 @@ def engine_config(settings: Settings, spec: ModelSpec) -> EngineConfig:
         device=settings.device, dtype=settings.dtype,
         max_batch_tokens=settings.max_batch_tokens, cuda_graphs=settings.cuda_graphs,
         graph_max_tokens=settings.cuda_graph_max_tokens, sim_profile=settings.sim_profile,
-        torch_threads=settings.torch_threads, log_level=settings.log_level, log_json=settings.log_json,
+        torch_threads=settings.torch_threads, torch_compile=settings.torch_compile, log_level=settings.log_level, log_json=settings.log_json,
     )
 
 

@@ -8,9 +8,9 @@ the RSS after every step of batches and the number of distinct shapes seen so fa
 shape grows with the distinct shapes and stops when they do (or when the cache is full); a leak
 grows with the batches.
 
-    python -m bench.cpu_memory --arch tiny --batches 3000 --variants float32,bf16-before,bf16-caches64,bf16-rows64,bf16
+    python -m bench.cpu_memory --arch tiny --batches 3000 --variants float32,bf16-before,bf16-caches64
     python -m bench.cpu_memory --arch base --model bench/.cache/fidelity-base --batches 150 --step 50 \
-        --max-tokens 512 --max-width 128 --rounds 2 --variants bf16-before,bf16-rows64,bf16-caches64
+        --max-tokens 512 --max-width 128 --rounds 2 --variants bf16-before,bf16-caches64
 """
 
 from __future__ import annotations
@@ -27,21 +27,22 @@ from pathlib import Path
 from types import SimpleNamespace
 
 #: name -> (DTYPE, extra environment, pad batch shapes to CUDA-graph-like buckets). `before`: the
-#: bf16 path as it was (rows not padded, both kernel caches at their 1024-entry default); `bf16`: as
-#: the engine runs it now (rows padded to 64, both caches at 64 entries: engine.engine.bound_kernel_caches).
+#: bf16 path as it was (both kernel caches at their 1024-entry default); `bf16`: as the engine runs
+#: it now (both caches at 64 entries: engine.engine.bound_kernel_caches). Padding the rows of each
+#: bf16 multiplication to a multiple of 64 (`bf16-rows64` in bench/results/cpu-memory-*-2026-12-03.json)
+#: was tried and dropped: it bounded the shapes but cost 9 % CPU on base (docs/cpu.md).
 _DEFAULT = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "1024", "LRU_CACHE_CAPACITY": "1024"}
 _BOUND = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "64", "LRU_CACHE_CAPACITY": "64"}
 VARIANTS = {
     "float32": ("float32", {}, False),
-    "bf16-before": ("bfloat16", {"ROW_STEP": "0", **_DEFAULT}, False),
-    "bf16-before-trim": ("bfloat16", {"ROW_STEP": "0", **_DEFAULT, "TRIM": "1"}, False),
-    "bf16-onednn-cache0": ("bfloat16", {"ROW_STEP": "0", **_DEFAULT, "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "0"}, False),
-    "bf16-onednn-cache0-trim": ("bfloat16", {"ROW_STEP": "0", **_DEFAULT, "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "0",
+    "bf16-before": ("bfloat16", {**_DEFAULT}, False),
+    "bf16-before-trim": ("bfloat16", {**_DEFAULT, "TRIM": "1"}, False),
+    "bf16-onednn-cache0": ("bfloat16", {**_DEFAULT, "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "0"}, False),
+    "bf16-onednn-cache0-trim": ("bfloat16", {**_DEFAULT, "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "0",
                                              "TRIM": "1"}, False),
-    "bf16-caches64": ("bfloat16", {"ROW_STEP": "0", **_BOUND}, False),
-    "bf16-rows64": ("bfloat16", {"ROW_STEP": "64", **_DEFAULT}, False),
-    "bf16-buckets": ("bfloat16", {"ROW_STEP": "0", **_DEFAULT}, True),
-    "bf16": ("bfloat16", {"ROW_STEP": "64", **_BOUND}, False),
+    "bf16-caches64": ("bfloat16", {**_BOUND}, False),
+    "bf16-buckets": ("bfloat16", {**_DEFAULT}, True),
+    "bf16": ("bfloat16", {**_BOUND}, False),
 }
 
 
@@ -59,11 +60,7 @@ def child(args) -> None:
     from engine.backends import PaddedBatch
     from engine.backends.torch_eager import TorchBackend
 
-    from engine.backends import cpu_dtype
-
     torch.set_num_threads(args.threads)
-    if "ROW_STEP" in os.environ:
-        cpu_dtype.ROW_STEP = int(os.environ["ROW_STEP"])
     dtype, _, buckets = VARIANTS[args.variant]
     backend = TorchBackend.load(SimpleNamespace(source=args.model, device="cpu", dtype=dtype, family=None))
     rng = random.Random(args.seed)

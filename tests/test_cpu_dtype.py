@@ -14,7 +14,6 @@ import requests
 import torch
 
 from engine import Engine, EngineConfig
-from engine.backends import cpu_dtype
 from engine.backends.cpu_dtype import cpu_bf16_units, resolve_dtype
 from rerank.random_model import documents_of_length, sentence
 from tests.procs import start_api, start_worker
@@ -61,23 +60,6 @@ def test_bf16_scores_stay_within_the_documented_bound(model_dir, engine, tokeniz
             assert 0 < np.max(np.abs(ref - got)) <= SCORE_BOUND
     finally:
         bf16.stop()
-
-
-def test_bf16_rows_are_padded_to_few_kernel_shapes_without_changing_an_output(monkeypatch):
-    """oneDNN builds and caches a kernel per row count (docs/cpu.md, "Memory under varied load"):
-    Bf16Linear pads rows to a multiple of ROW_STEP, and a padded row changes no other row."""
-    torch.manual_seed(0)
-    x = torch.randn(3, 37, 32)
-    for bf16_output in (False, True):
-        layer = cpu_dtype.Bf16Linear(torch.nn.Linear(32, 64), bf16_output=bf16_output)
-        with torch.inference_mode():
-            padded = layer(x)
-            monkeypatch.setattr(cpu_dtype, "ROW_STEP", 0)
-            plain = layer(x)
-            monkeypatch.setattr(cpu_dtype, "ROW_STEP", 64)
-        assert padded.shape == plain.shape == (3, 37, 64)
-        assert padded.dtype == plain.dtype == (torch.bfloat16 if bf16_output else torch.float32)
-        assert torch.equal(padded, plain)
 
 
 def test_the_engine_bounds_the_kernel_caches(monkeypatch):

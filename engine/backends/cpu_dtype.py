@@ -29,11 +29,6 @@ import torch.nn.functional as F
 _NAMED = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 #: Linear layers with this few outputs (a classification head's last projection) stay float32.
 _HEAD_OUTPUTS = 8
-#: The rows (batch rows x width, flattened) of a bf16 multiplication are padded up to a multiple of
-#: this, 0: not padded. oneDNN builds and caches a kernel per row count, about 2 MiB per row count
-#: on base (docs/cpu.md, "Memory under varied load"); padded, a 2048-token budget has at most 32
-#: row counts instead of up to 2048, at a cost of under 64 rows per multiplication.
-ROW_STEP = 64
 
 
 class DtypeChoice(NamedTuple):
@@ -107,17 +102,10 @@ class Bf16Linear(torch.nn.Module):
                      if linear.bias is not None else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape[:-1]
-        x = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        rows = x.shape[0]
-        if ROW_STEP:  # padded rows are zeros, each row's product is its own; no branch on the
-            x = F.pad(x, (0, 0, 0, -rows % ROW_STEP))  # count, so a compiled graph needs no second one
         if self.bf16_output:
-            y = F.linear(x, self.weight, None if self.bias is None else self.bias.to(torch.bfloat16))
-        else:
-            y = F.linear(x, self.weight).float()
-            y = y if self.bias is None else y + self.bias
-        return y[:rows].view(*shape, self.out_features)
+            return F.linear(x.to(torch.bfloat16), self.weight, None if self.bias is None else self.bias.to(torch.bfloat16))
+        y = F.linear(x.to(torch.bfloat16), self.weight).float()
+        return y if self.bias is None else y + self.bias
 
 
 def bf16_matmuls(model: torch.nn.Module) -> int:

@@ -7,7 +7,7 @@ bound is refused at once (429 + Retry-After) instead of waiting in a queue it ca
 before its timeout. The ledger itself is shared/pending.py.
 
 The bound is what the live workers can score within SYNC_TIMEOUT at full batches: each worker
-measures that capacity while it warms up (engine.engine.measure_capacity), before its first
+measures that capacity while it warms up (engine.runtime.measure_capacity), before its first
 request, so a burst right after start is not refused for want of a measured pace.
 """
 
@@ -17,6 +17,7 @@ import math
 
 from engine.cost import Layout, call_cost, layout, pair_cost  # noqa: F401 - pure: no numpy, no torch
 from shared.schemas import ScoreOptions
+from shared.workers import per_engine
 
 #: What the tokenizer turns one character into, before any worker has measured it.
 DEFAULT_CHARS_PER_TOKEN = 3.0
@@ -61,8 +62,9 @@ def chars_per_token(workers: list[dict]) -> float:
 
 
 def capacity(workers: list[dict]) -> float:
-    """Cost per second the live workers score at full batches (or faster, when measured so)."""
-    return sum(max(w.get("capacity") or 0.0, w.get("cost_per_second") or 0.0) for w in workers)
+    """Cost per second the live engines score at full batches (or faster, when measured so): an
+    engine fed by several workers counts once."""
+    return sum(max(e.get("capacity") or 0.0, e.get("cost_per_second") or 0.0) for e in per_engine(workers))
 
 
 def pending_limit(explicit: int | None, workers: list[dict], sync_timeout: float) -> float:

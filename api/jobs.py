@@ -38,7 +38,7 @@ from shared.jobs import Job, JobStore, Refusal, new_job_id, owner_of
 from shared.schemas import JobItem, ScoreOptions
 from shared.settings import ModelSpec, Settings
 from shared.storage import JobStorage
-from shared.workers import WorkerRegistry
+from shared.workers import WorkerRegistry, per_engine
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +129,7 @@ class JobService:
         """About a second of model time at the workers' measured pace, within sane bounds."""
         if self.settings.job_piece_pairs:
             return self.settings.job_piece_pairs
-        paces = [w.get("pairs_per_second") or 0 for w in self.workers.alive(model.name)]
+        paces = [e.get("pairs_per_second") or 0 for e in per_engine(self.workers.alive(model.name))]
         if not any(paces):
             return PIECE_PAIRS_DEFAULT
         return int(min(max(max(paces) * PIECE_SECONDS, PIECE_PAIRS_MIN), PIECE_PAIRS_MAX))

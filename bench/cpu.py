@@ -31,9 +31,12 @@ from pathlib import Path
 import requests
 
 from bench.cpu_fidelity import fidelity_model
-from bench.run import RESULTS, Ceiling, Service, Timing, machine, make_workloads, run_clients
+from bench.measure import Timing, run_clients
+from bench.report import RESULTS, machine
+from bench.stack import Ceiling, Service
+from bench.workloads import make_workloads
 from rerank.launch import free_port
-from tests.procs import Proc, base_env, wait_for
+from rerank.procs import Proc, base_env, wait_for
 
 TARGETS = {
     "w1_auto_over_float32_p50": ("<=", 0.3),

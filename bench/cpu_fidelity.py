@@ -32,9 +32,9 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-CACHE = ROOT / "bench" / ".cache"
-RESULTS = ROOT / "bench" / "results"
+from bench.report import RESULTS
+from bench.stack import CACHE
+
 SPREAD = 8.0  # the scaled head's reference logits span [-SPREAD, SPREAD]
 
 
@@ -51,7 +51,7 @@ def fidelity_model(arch: str) -> Path:
 def lists_for(path: Path, lists: int, docs: int, seed: int) -> list[tuple[str, list[str]]]:
     from transformers import AutoTokenizer
 
-    from bench.run import make_workloads
+    from bench.workloads import make_workloads
 
     tokenizer = AutoTokenizer.from_pretrained(path)
     w = make_workloads(tokenizer, seed=seed, w1_docs=1, w2_clients=lists, w2_requests=1, w3_requests=1,

@@ -28,7 +28,7 @@ from types import SimpleNamespace
 
 #: name -> (DTYPE, extra environment, pad batch shapes to CUDA-graph-like buckets). `before`: the
 #: bf16 path as it was (both kernel caches at their 1024-entry default); `bf16`: as the engine runs
-#: it now (both caches at 64 entries: engine.engine.bound_kernel_caches). Padding the rows of each
+#: it now (both caches at 64 entries: engine.runtime.bound_kernel_caches). Padding the rows of each
 #: bf16 multiplication to a multiple of 64 (`bf16-rows64` in bench/results/cpu-memory-*-2026-12-03.json)
 #: was tried and dropped: it bounded the shapes but cost 9 % CPU on base (docs/cpu.md).
 _DEFAULT = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "1024", "LRU_CACHE_CAPACITY": "1024"}

@@ -27,7 +27,7 @@ import requests
 
 from rerank.launch import free_port
 from rerank.random_model import sentence
-from tests.procs import ROOT, base_env, start_redis, wait_for
+from rerank.procs import ROOT, base_env, start_redis, wait_for
 
 PIECE_PAIRS = 2048
 

@@ -26,8 +26,9 @@ from pathlib import Path
 import redis
 import requests
 
+from bench.report import RESULTS
+from rerank.procs import ROOT, base_env, start_api, start_redis, start_worker, wait_for
 from rerank.random_model import build_model, sentence
-from tests.procs import ROOT, base_env, start_api, start_redis, start_worker, wait_for
 
 DOCS_PER_ITEM = 10
 
@@ -159,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"download: JSON Lines {report['download_jsonl_bytes'] / 1e6:.0f} MB in {report['download_jsonl_seconds']} s"
           + (f", Parquet {report['download_parquet_bytes'] / 1e6:.0f} MB in {report['download_parquet_seconds']} s"
              if "download_parquet_seconds" in report else ""))
-    out = ROOT / "bench" / "results" / f"jobs-scale-{report['date'][:10]}.json"
+    out = RESULTS / f"jobs-scale-{report['date'][:10]}.json"
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"written to {out.relative_to(ROOT)}")
     return 0 if report["status"] == "succeeded" and report["download_jsonl_lines"] == items else 1

@@ -35,11 +35,11 @@ from pathlib import Path
 
 import requests
 
+from bench.report import RESULTS
+from rerank.launch import free_port
+from rerank.procs import ROOT, Proc, base_env, start_api, start_redis, start_worker, wait_for
 from rerank.random_model import build_model, sentence
-from tests.procs import Proc, base_env, free_port, start_api, start_redis, start_worker, wait_for
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "bench" / "results"
 #: Span helpers a realtime call goes through while tracing is off (API and worker together):
 #: request attribute, auth, validate, admission, publish, wait, answer; task attributes,
 #: tokenize, recording, reply; and the trace id asked by each log line of the call.

@@ -11,10 +11,16 @@ The data path, in the order of the modules:
                realtime before bulk, longest items together, deadlines and cancels honoured
     backends   one padded batch -> logits: torch eager (CPU, CUDA), CUDA graph replay, and a
                simulated GPU for seeing the GPU path on a CPU machine
-    process    the batcher and its backend in a process of their own, so nothing else the
-               worker does (Celery, JSON, tokenizing) competes with the model for one GIL
-    engine     `Engine.score(query, documents, policy)`: the one entry point, used alike by
-               realtime calls, bulk pieces, benchmarks and tests
+    runtime    what an engine runs before it serves: the model loaded, warmed up, its
+               capacity measured
+    transport  feeders <-> engine over a Unix socket: packed arrays, several feeders per
+               engine, reconnection when a shared engine restarts
+    process    the batcher and its backend in a process of their own (a device's shared
+               engine, or a worker's own), so nothing else the workers do (Celery, JSON,
+               tokenizing) competes with the model for one GIL
+    engine     `Engine`: encode, run, merge (and `score`, the three in one call), in this
+               process or through an engine process, with the same results
+    errors     every error the engine raises, one type per layer
     cost, scoring   pure arithmetic (what a batch costs; the activations), imported by the API too
 
 The worker (worker/) wraps this in Celery; nothing here knows it exists. Names are imported on
@@ -28,8 +34,9 @@ import importlib
 _EXPORTS = {
     "BULK": "engine.batcher", "REALTIME": "engine.batcher",
     "DocumentPolicy": "engine.encoding", "Encoded": "engine.encoding", "Encoder": "engine.encoding",
-    "InputTooLong": "engine.encoding", "InstructionNotAccepted": "engine.encoding",
+    "InputTooLong": "engine.errors", "InstructionNotAccepted": "engine.errors",
     "Engine": "engine.engine", "EngineConfig": "engine.engine", "Scores": "engine.engine",
+    "EngineError": "engine.errors", "EngineFailed": "engine.errors",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -24,8 +24,9 @@ from typing import Any
 
 import numpy as np
 
-from engine.backends import Backend, OutOfMemory, PaddedBatch
+from engine.backends import Backend, PaddedBatch
 from engine.cost import ATTENTION_KNEE, padded_cost  # noqa: F401 - the one definition (engine/cost.py)
+from engine.errors import Cancelled, EngineFailed, Expired, OutOfMemory  # noqa: F401  (Cancelled, Expired re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -38,13 +39,6 @@ BULK = 1
 WINDOW_BUDGETS = {REALTIME: 8, BULK: 64}
 WINDOW_PAIRS = 4096
 
-
-class Expired(Exception):
-    """The request's deadline passed before it was scored (its caller has given up)."""
-
-
-class Cancelled(Exception):
-    """The request was cancelled (its bulk job was cancelled)."""
 
 
 def plan_batches(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
@@ -194,7 +188,7 @@ class Batcher:
         if ticket.remaining:
             with self._cond:
                 if self._stopped:
-                    ticket.fail(RuntimeError("the engine is shutting down"))
+                    ticket.fail(EngineFailed("the engine is shutting down"))
                     return ticket
                 self._queues[priority].append(ticket)
                 self._cond.notify()
@@ -281,7 +275,7 @@ class Batcher:
                 if self._stopped:
                     for q in self._queues.values():
                         for ticket in q:
-                            ticket.fail(RuntimeError("the engine is shutting down"))
+                            ticket.fail(EngineFailed("the engine is shutting down"))
                         q.clear()
                     return False
                 batch = self._take()

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.cost import query_cap
+from engine.errors import InputTooLong, InstructionNotAccepted  # noqa: F401  (re-exported: encoding raises them)
 
 log = logging.getLogger(__name__)
 
@@ -36,14 +37,6 @@ CHARS_PER_TOKEN_BOUND = 32
 #: Tokens beyond the needed ones that must come out of a cut text for the cut to be trusted;
 #: otherwise (text of unusually long tokens) the whole text is tokenized.
 BOUND_MARGIN = 16
-
-
-class InputTooLong(ValueError):
-    """A pair is longer than max_length and truncation was refused (TEI's `truncate: false`)."""
-
-
-class InstructionNotAccepted(ValueError):
-    """An instruction was given for a model whose family takes none (a cross-encoder, gemma)."""
 
 
 @dataclass(frozen=True)

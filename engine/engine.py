@@ -1,18 +1,21 @@
-"""`Engine.score(query, documents, policy)`: the one entry point of the scoring path.
+"""The engine as its callers see it: text in, one logit per document out.
 
-Realtime calls, bulk pieces, the benchmarks and the tests all score through it. The engine
-encodes in the caller's process (encoding.py) and scores either in this process (a batcher
-thread: tests, benchmarks, notebooks) or in an engine process of its own (`process=True`: the
-worker), with the same results. Starting it loads the model, warms the device up (CUDA graphs
-are captured then) and measures its capacity at full batches, so the admission bound is right
-from the first request (api/admission.py).
+Scoring is three steps, and callers use them as they need: `encoder.encode` (text -> packed pair
+inputs, in the caller's process, where the tokenizer's Rust threads release the GIL),
+`submit`/`run` (pair inputs -> logits, through the batcher) and `merge` (pair logits -> each
+document's logit, its best window's when chunked). `score(query, documents, policy)` is the three
+in one call (tests, benchmarks, notebooks); the worker calls them apart, because a realtime call
+measures its encoding (characters per token) and a bulk piece submits many requests as one.
+
+The batcher runs either in this process (`process=False`: tests, benchmarks) or in an engine
+process: a worker's own (`process=True`), or a device's shared one that several workers feed
+(`socket=PATH`). The results are the same. Starting an engine loads the model, warms the device
+up (CUDA graphs are captured then) and measures its capacity at full batches, so the admission
+bound is right from the first request (api/admission.py).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import logging
-import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -20,17 +23,10 @@ from typing import Any
 
 import numpy as np
 
-from engine.backends import PaddedBatch, default_batch_tokens, forward, load_backend
-from engine import families
 from engine.batcher import REALTIME, Batcher, BatchStats
-from engine.cost import padded_cost
 from engine.encoding import DocumentPolicy, Encoded, Encoder, best_per_document
+from engine.runtime import build_runtime, settle
 from engine.scoring import activation
-
-log = logging.getLogger(__name__)
-
-#: How long the capacity measurement may take at start (at least one full-budget pass is timed).
-CAPACITY_SECONDS = 2.0
 
 
 @dataclass(frozen=True)
@@ -52,6 +48,16 @@ class EngineConfig:
     log_level: str = "INFO"
     log_json: bool = False
 
+    @classmethod
+    def from_settings(cls, settings, spec) -> EngineConfig:
+        """The engine of a served model (shared.settings.ModelSpec) under the service's settings."""
+        return cls(source=spec.source, max_length=spec.max_length, family=spec.family, template=spec.template,
+                   device=settings.device, dtype=settings.dtype,
+                   max_batch_tokens=settings.max_batch_tokens, cuda_graphs=settings.cuda_graphs,
+                   graph_max_tokens=settings.cuda_graph_max_tokens, sim_profile=settings.sim_profile,
+                   torch_threads=settings.torch_threads, torch_compile=settings.torch_compile,
+                   log_level=settings.log_level, log_json=settings.log_json)
+
 
 @dataclass
 class Scores:
@@ -66,13 +72,19 @@ class Scores:
 class _Local:
     """The batcher in this process: what the engine process runs, without the process."""
 
-    def __init__(self, batcher: Batcher) -> None:
+    connected = True
+
+    def __init__(self, batcher: Batcher, info: dict[str, Any]) -> None:
         self.batcher = batcher
+        self.info = info
 
     def submit(self, encoded: Encoded, *, priority: int, deadline: float | None = None, tag: str | None = None,
                timed: bool = False):
         return self.batcher.submit(encoded.lengths, encoded.ids, priority=priority, deadline=deadline, tag=tag,
                                    timed=timed)
+
+    def wait_ready(self, timeout: float | None) -> bool:
+        return True
 
     def cancel(self, tag: str) -> None:
         self.batcher.cancel(tag)
@@ -82,31 +94,47 @@ class _Local:
 
 
 class Engine:
-    def __init__(self, encoder: Encoder, scorer, info: dict[str, Any]) -> None:
+    def __init__(self, encoder: Encoder, scorer, about: dict[str, Any]) -> None:
         self.encoder = encoder
         self.scorer = scorer
-        self.info = info
+        self._about = about
+
+    @property
+    def info(self) -> dict[str, Any]:
+        """The engine's description (its process's, current after a reconnect) and the encoder's."""
+        return {**self.scorer.info, **self._about}
+
+    @property
+    def connected(self) -> bool:
+        """Whether requests can be scored now (a shared engine may be restarting)."""
+        return self.scorer.connected
 
     @classmethod
-    def start(cls, config: EngineConfig, *, process: bool = False,
+    def start(cls, config: EngineConfig, *, process: bool = False, socket: str | None = None,
               on_batch: Callable[[BatchStats], None] | None = None,
-              on_exit: Callable[[str], None] | None = None) -> Engine:
+              on_exit: Callable[[str], None] | None = None,
+              on_state: Callable[[bool], None] | None = None,
+              hello: dict[str, Any] | None = None, wait: float | None = None) -> Engine:
+        """An engine in this process, in a process of its own (`process`), or the shared engine
+        on `socket` (waiting up to `wait` seconds for it; it is rejoined whenever it restarts)."""
         started = time.perf_counter()
-        family = families.family_of(config.source, config.family)
-        encoder = family.encoder(config.source, config.max_length, config.template)
-        # The backend and the batcher see the family and the context length the encoder settled on.
-        config = dataclasses.replace(config, family=family.NAME, max_length=encoder.max_length)
-        if process:
+        encoder, config = settle(config)
+        if socket is not None:
+            from engine.transport import EngineClient
+
+            scorer = EngineClient(socket, hello=hello, on_batch=on_batch, on_state=on_state, reconnect=True)
+            scorer.connect(wait)
+        elif process:
             from engine.process import EngineProcess
 
-            scorer = EngineProcess(config, on_batch=on_batch, on_exit=on_exit)
-            info = scorer.start()
+            scorer = EngineProcess(config, on_batch=on_batch, on_exit=on_exit, hello=hello)
+            scorer.start()
         else:
             batcher, info = build_runtime(config, on_batch=on_batch)
-            scorer = _Local(batcher)
-        info.update(max_length=encoder.max_length, limit=encoder.limit, engine_process=process,
-                    start_seconds=round(time.perf_counter() - started, 2), **encoder.describe())
-        return cls(encoder, scorer, info)
+            scorer = _Local(batcher, info)
+        about = dict(max_length=encoder.max_length, limit=encoder.limit, engine_process=process or socket is not None,
+                     start_seconds=round(time.perf_counter() - started, 2), **encoder.describe())
+        return cls(encoder, scorer, about)
 
     # --- scoring -----------------------------------------------------------------------------------------------
     def score(self, query: str, documents: Sequence[str], policy: DocumentPolicy = DocumentPolicy(), *,
@@ -148,85 +176,9 @@ class Engine:
         """Drop every queued pair of requests tagged `tag` (a cancelled bulk job)."""
         self.scorer.cancel(tag)
 
+    def wait_ready(self, timeout: float | None) -> bool:
+        """Wait until a restarting shared engine is back; whether it is."""
+        return self.scorer.wait_ready(timeout)
+
     def stop(self) -> None:
         self.scorer.stop()
-
-
-# --- what the engine process (or the local batcher) runs ----------------------------------------------------
-
-
-def configure_child(config: EngineConfig) -> None:
-    """Logging and CPU threads of an engine process, before torch loads."""
-    from shared.logs import setup_logging
-
-    setup_logging(config.log_level, config.log_json)
-    # OpenMP threads spin for ~300k iterations after each parallel region by default; on a CPU
-    # worker sharing its cores with the worker process, Redis and often the API, that spinning
-    # steals the CPU the reply path needs: 10k spins cut 3-4 ms off a 1-document call on 2
-    # cores and left model speed unchanged. Must be set before torch loads libgomp.
-    os.environ.setdefault("GOMP_SPINCOUNT", "10000")
-    if config.torch_threads and config.device != "sim":
-        import torch
-
-        torch.set_num_threads(config.torch_threads)
-
-
-#: Entries each of the two per-shape kernel caches of torch's oneDNN path keeps (docs/cpu.md,
-#: "Memory under varied load"): about half a MiB each, so both together stay under ~64 MiB.
-KERNEL_CACHE_ENTRIES = "64"
-
-
-def bound_kernel_caches() -> None:
-    """Bound the caches that grow with the number of batch shapes on a CPU's bf16 path.
-
-    bf16 matrix multiplications go through oneDNN, which builds a kernel per input shape (rows x
-    width varies with every batch: hundreds of shapes) and keeps it in two caches of 1024 entries
-    by default: oneDNN's primitive cache (`ONEDNN_PRIMITIVE_CACHE_CAPACITY`) and ideep's
-    (`LRU_CACHE_CAPACITY`). Full, they held about 860 MiB on the tiny model (bench/cpu_memory.py):
-    a plateau, not a leak, but more than a small box should give. Both read their variable when
-    first used, so this works even after torch is imported, as long as no bf16 matmul ran yet;
-    a value set in the environment wins."""
-    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", KERNEL_CACHE_ENTRIES)
-    os.environ.setdefault("LRU_CACHE_CAPACITY", KERNEL_CACHE_ENTRIES)
-
-
-def build_runtime(config: EngineConfig, *, on_batch: Callable[[BatchStats], None] | None = None
-                  ) -> tuple[Batcher, dict[str, Any]]:
-    """Load the backend, warm it up, measure its capacity, start the batcher."""
-    started = time.perf_counter()
-    bound_kernel_caches()
-    backend = load_backend(config)
-    info = backend.describe()
-    budget = config.max_batch_tokens or default_batch_tokens(str(info["device"]).split(":")[0])
-    backend.warm_up(budget)
-    info = backend.describe()  # after warm-up: graphs captured, their memory known
-    capacity = measure_capacity(backend, budget, config.max_length)
-    info.update(max_batch_tokens=budget, capacity=round(capacity, 1),
-                warm_up_seconds=round(time.perf_counter() - started, 2))
-    log.info("engine ready: %s on %s (%s, %s: %s), %d tokens per batch, capacity %.0f tokens/s at full batches",
-             config.source, info["device"], info.get("backend"), info["dtype"], info.get("dtype_reason") or "as configured",
-             budget, capacity)
-    return Batcher(backend, max_batch_tokens=budget, on_batch=on_batch).start(), info
-
-
-def measure_capacity(backend, budget: int, max_length: int, seconds: float = CAPACITY_SECONDS) -> float:
-    """Padded-token cost the device scores per second at full batches.
-
-    Timed on full-budget passes while the worker warms up, so a worker announces what it can do
-    before its first request: measured on small first calls instead, the pace looks tiny and the
-    admission bound refuses a burst it could serve (docs/gpu.md#cold-start-and-the-admission-bound).
-    """
-    width = max(8, min(256, max_length))
-    rows = max(1, int(budget // padded_cost(1, width)))
-    rng = np.random.default_rng(0)
-    batch = PaddedBatch(ids=rng.integers(5, 1000, size=(rows, width)).astype(np.int64),
-                        lengths=np.full(rows, width, dtype=np.int32))
-    forward(backend, batch)  # first pass: allocator and kernels warm
-    passes, started = 0, time.perf_counter()
-    while passes < 3 and (passes == 0 or time.perf_counter() - started < seconds):
-        forward(backend, batch)
-        passes += 1
-    return padded_cost(rows, width) * passes / (time.perf_counter() - started)
-
-
-

@@ -3,24 +3,29 @@
 
 Everything on one machine, like the seed's `python app.py`, but with the real parts: the API
 under gunicorn, warm Celery workers and a Redis bound to loopback with its data in DATA_DIR.
-One worker process per model and visible GPU (`GPUS`, `WORKERS_PER_DEVICE`), each pinned with
-CUDA_VISIBLE_DEVICES and restarted whenever it dies: at once the first time, then after 1, 2, 4 …
-seconds up to WORKER_RESTART_MAX_DELAY while it keeps dying (a broken model folder, the kernel's
-out-of-memory killer). A dying worker never takes the API or Redis down with it: the API answers
-503 for its model meanwhile, and serves it again as soon as a restart holds. Ctrl-C stops
-everything it started, API first and Redis last, so no accepted work is dropped on the way down.
+Per model and visible GPU (`GPUS`; the CPU when there is none): one engine process (the device's
+only batcher and copy of the weights, `python -m engine`) pinned with CUDA_VISIBLE_DEVICES, and
+FEEDERS_PER_DEVICE worker processes (Celery, tokenizing) feeding it over a Unix socket, by
+default as many as the host's cores per device allow (`default_feeders`). Each is restarted
+whenever it dies: at once the first time, then after 1, 2, 4 … seconds up to
+WORKER_RESTART_MAX_DELAY while it keeps dying (a broken model folder, the kernel's out-of-memory
+killer); feeders rejoin a restarted engine by themselves. A dying process never takes the API or
+Redis down with it: the API answers 503 for its model meanwhile, and serves it again as soon as a
+restart holds. Ctrl-C stops everything it started, API first, then the feeders (which finish what
+they hold), the engines, and Redis last, so no accepted work is dropped on the way down.
 """
 
 from __future__ import annotations
 
-import ctypes
 import logging
+import math
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from dataclasses import dataclass
@@ -29,23 +34,15 @@ from pathlib import Path
 import redis
 
 from shared import redis_client
+from shared.lifecycle import EXIT_MODEL_FAILED, die_with_parent
 from shared.settings import Settings
 from shared.workers import WorkerRegistry
 
 log = logging.getLogger("rerank.up")
 
 ROOT = Path(__file__).resolve().parent.parent
-EXIT_MODEL_FAILED = 3  # worker/__main__.py: the model did not load
 #: A worker that ran this long before it died starts its back-off afresh.
 STABLE_SECONDS = 60.0
-
-
-def _die_with_parent() -> None:
-    """Linux: children get SIGTERM if the launcher itself is killed, so nothing is left behind."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
 
 
 def redis_server_binary() -> str:
@@ -71,8 +68,8 @@ def redis_argv(data: Path, port: int, *, logfile: bool = True) -> list[str]:
     """The launcher's own Redis: loopback only, its append-only file in DATA_DIR, kept small.
 
     Every realtime call's documents pass through Redis and so through its append-only file: the
-    task message (base64) is written when the API queues it and again when a worker takes it,
-    about 2.7 times the request body in all. Redis cannot leave chosen keys out of the file, so it
+    task message is written when the API queues it and again when a worker takes it, about 2.2
+    times the request body in all (2.7 while kombu wrapped bodies in base64). Redis cannot leave chosen keys out of the file, so it
     is compacted instead: Redis rewrites it from the live data (job state and queued work, small)
     whenever it has grown past AOF_REWRITE_MIN_SIZE and doubled since the last rewrite. When the
     disk fills anyway, Redis refuses writes (MISCONF) and takes them again by itself, within a
@@ -100,6 +97,7 @@ class Child:
     env: dict[str, str]
     restart: bool = False
     model: str | None = None
+    role: str = "other"  # engine, feeder (or worker: one with its own engine), api, redis
     proc: subprocess.Popen | None = None
     started_at: float = 0.0
     failures: int = 0  # deaths in a row, each within STABLE_SECONDS of its start
@@ -107,7 +105,7 @@ class Child:
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
-            self.argv, env=self.env, cwd=ROOT, start_new_session=True, preexec_fn=_die_with_parent
+            self.argv, env=self.env, cwd=ROOT, start_new_session=True, preexec_fn=die_with_parent
         )
         self.started_at, self.restart_at = time.monotonic(), None
         log.info("started %s (pid %d)", self.name, self.proc.pid)
@@ -148,19 +146,69 @@ def visible_gpus(setting: str) -> list[str]:
     return []
 
 
-def worker_plan(settings: Settings, models: list[str] | None = None) -> list[tuple[str, list[str], dict[str, str]]]:
-    """(name, argv, extra environment) of every worker process to start."""
+def available_cores() -> int:
+    """Cores this process may use: its CPU affinity, and a container's CPU quota (cgroup v2)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return cores
+
+
+#: More feeders than this per device add Redis connections and memory, not throughput: at the
+#: measured 0.2-0.4 ms of feeder CPU per pair, 8 feed well over 10 000 pairs/s (docs/performance.md).
+MAX_FEEDERS = 8
+
+
+def default_feeders(settings: Settings, devices: int) -> int:
+    """Feeders per device when FEEDERS_PER_DEVICE is unset: the host's cores shared among its
+    devices, one core per device left to its engine. On the CPU the model itself needs the
+    cores, so one feeder serves it."""
+    if settings.feeders_per_device:
+        return settings.feeders_per_device
+    if devices == 0 and settings.device in ("auto", "cpu"):
+        return 1
+    return max(1, min(MAX_FEEDERS, available_cores() // max(1, devices) - 1))
+
+
+@dataclass(frozen=True)
+class Planned:
+    """A process the launcher runs for a model on a device."""
+
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    model: str
+    role: str  # engine, feeder, or worker (one with an engine of its own: ENGINE_PROCESS=false)
+
+
+def worker_plan(settings: Settings, models: list[str] | None = None, socket_dir: str | None = None) -> list[Planned]:
+    """Every engine and worker process to start: per model and device, one engine and its feeders
+    (or, with ENGINE_PROCESS=false, workers with the model in their own process)."""
     gpus = visible_gpus(settings.gpus)
+    feeders = default_feeders(settings, len(gpus))
+    socket_dir = socket_dir or tempfile.gettempdir()
     plan = []
-    for spec in settings.served_models:
+    for m, spec in enumerate(settings.served_models):
         if models and spec.name not in models:
             continue
-        for device in gpus or ["cpu"]:
-            for n in range(settings.workers_per_device):
-                env = {"CUDA_VISIBLE_DEVICES": device} if gpus else {}
-                where = f"gpu{device}" if gpus else "cpu"
-                plan.append((f"worker[{spec.name}@{where}#{n}]",
-                             [sys.executable, "-m", "worker", "--model", spec.name], env))
+        for d, device in enumerate(gpus or ["cpu"]):
+            env = {"CUDA_VISIBLE_DEVICES": device} if gpus else {}
+            where = f"gpu{device}" if gpus else "cpu"
+            worker = [sys.executable, "-m", "worker", "--model", spec.name]
+            if not settings.engine_process:
+                plan += [Planned(f"worker[{spec.name}@{where}#{n}]", worker, env, spec.name, "worker")
+                         for n in range(feeders)]
+                continue
+            path = os.path.join(socket_dir, f"engine-{m}-{d}.sock")  # short: socket paths hold 107 bytes
+            plan.append(Planned(f"engine[{spec.name}@{where}]",
+                                [sys.executable, "-m", "engine", "--model", spec.name, "--socket", path],
+                                env, spec.name, "engine"))
+            plan += [Planned(f"feeder[{spec.name}@{where}#{n}]", worker, {**env, "ENGINE_SOCKET": path},
+                             spec.name, "feeder") for n in range(feeders)]
     return plan
 
 
@@ -171,6 +219,7 @@ class Stack:
         self.models = models
         self.children: list[Child] = []
         self.stopping = False
+        self.socket_dir: str | None = None
 
     def start(self) -> None:
         env = dict(os.environ)
@@ -178,15 +227,19 @@ class Stack:
             env["REDIS_URL"] = self._start_redis(env)
         redis_url = env.get("REDIS_URL") or self.settings.broker_url
         self._wait_for_redis(redis_url)
-        for name, argv, extra in worker_plan(self.settings, self.models):
-            self._spawn(name, argv, {**env, **extra}, restart=True, model=argv[-1])  # argv ends in the model
+        # The engines' sockets, in a folder of their own that only this user can enter.
+        self.socket_dir = tempfile.mkdtemp(prefix="rerank-")
+        for planned in worker_plan(self.settings, self.models, self.socket_dir):
+            # Engines first: stopped in reverse order, they outlive the feeders finishing their tasks.
+            self._spawn(planned.name, planned.argv, {**env, **planned.env}, restart=True, model=planned.model,
+                        role=planned.role)
         if self.with_api:
             self._spawn("api", [sys.executable, "-m", "gunicorn", "-c", str(ROOT / "api" / "gunicorn.conf.py")], env)
         self._wait_until_ready(redis_url)
 
     def _spawn(self, name: str, argv: list[str], env: dict[str, str], restart: bool = False,
-               model: str | None = None) -> Child:
-        child = Child(name, argv, env, restart=restart, model=model)
+               model: str | None = None, role: str = "other") -> Child:
+        child = Child(name, argv, env, restart=restart, model=model, role=role)
         child.start()
         self.children.append(child)
         return child
@@ -247,9 +300,11 @@ class Stack:
               f"{trouble}  Ctrl-C stops everything.\n", flush=True)
 
     def failing(self, model: str) -> bool:
-        """Whether every worker of a model has died at least twice in a row soon after starting."""
-        workers = [c for c in self.children if c.model == model]
-        return bool(workers) and all(c.failures >= 2 for c in workers)
+        """Whether every engine (else every worker) of a model has died at least twice in a row
+        soon after starting: feeders of an engine that cannot load wait for it, alive."""
+        mine = [c for c in self.children if c.model == model]
+        engines = [c for c in mine if c.role == "engine"]
+        return bool(mine) and all(c.failures >= 2 for c in engines or mine)
 
     def check_children(self) -> None:
         """Restart dead workers with back-off (never stopping the rest); any other death stops the stack."""
@@ -272,13 +327,15 @@ class Stack:
     def stop(self) -> None:
         self.stopping = True
         grace = self.settings.sync_timeout + 5
-        for child in reversed(self.children):  # API first, Redis last
+        for child in reversed(self.children):  # API first, then feeders, engines, Redis last
             child.stop(grace)
+        if self.socket_dir:
+            shutil.rmtree(self.socket_dir, ignore_errors=True)
 
 
 def _describe_exit(code: int) -> str:
     if code == EXIT_MODEL_FAILED:
-        return "could not load its model (exit status 3)"
+        return f"could not load its model (exit status {EXIT_MODEL_FAILED})"
     if code < 0:
         try:
             name = signal.Signals(-code).name

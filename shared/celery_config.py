@@ -10,10 +10,12 @@ from __future__ import annotations
 from celery import Celery
 
 from shared import redis_client
+from shared.kombu_clients import reuse_redis_clients
 from shared.settings import Settings
 
 
 def make_celery(settings: Settings, main: str) -> Celery:
+    reuse_redis_clients()  # shared/kombu_clients.py: one redis-py client per channel, not per operation
     broker_url, sentinel_options = redis_client.broker(settings)  # REDIS_URL=sentinel://…: kombu's form
     app = Celery(main, broker=broker_url, set_as_current=False)
     app.conf.update(
@@ -46,6 +48,12 @@ def make_celery(settings: Settings, main: str) -> Celery:
             "socket_timeout": 10,
             "unacked_restore_interval": 5,
             "unacked_restore_throttle": 1,
+            # kombu's virtual transports wrap every body in base64 inside the JSON envelope
+            # (Channel.body_encoding, kombu/transport/virtual/base.py): a third more bytes in Redis,
+            # its append-only file and every socket, and an encode and decode per message. Our
+            # bodies are JSON text already, so they go in as they are. A consumer decodes each
+            # message by its own `body_encoding` property, so workers of either setting mix.
+            "body_encoding": None,
             # BRPOP waits at most this long, so work queued for the consumer's own thread (the
             # bulk gate re-opening the bulk queue) waits at most 0.1 s, not 1 s. Redis >= 6.
             "polling_interval": 0.1,

@@ -339,9 +339,22 @@ class ReadyResponse(BaseModel):
     status: str = Field(description="ready or unavailable")
     redis: str = Field(
         description="ok, unreachable, cannot_write (disk full), out_of_memory, read_only, refused or failing_over")
-    models: dict[str, dict[str, int]] = Field(description="Live workers per served model.")
+    models: dict[str, dict[str, int]] = Field(
+        description="Per served model: its live workers (feeders) and the engines they feed.")
     missing: list[str]
     detail: str | None = omitted_if_none("When unavailable: what is missing, in words (as on every error).")
+
+
+class EngineCard(BaseModel):
+    """One engine process (a device's batcher and copy of the weights) and the workers feeding it."""
+
+    id: str
+    device: str
+    feeders: int = Field(description="Live worker processes feeding this engine.")
+    pid: int | None = None
+    host: str | None = None
+    memory_mib: float | None = Field(default=None, description="The engine process's resident memory when ready.")
+    shared: bool = Field(default=False, description="A device's shared engine (the launcher's), not a worker's own.")
 
 
 class ModelCard(BaseModel):
@@ -352,6 +365,7 @@ class ModelCard(BaseModel):
     family: str | None = Field(default=None, description="Model family: cross-encoder, qwen3 or gemma (docs/models.md).")
     context_length: int | None = Field(default=None, description="Tokens per (query, document) pair the workers serve.")
     workers: int = Field(description="Live workers (from their heartbeats).")
+    engines: list[EngineCard] = Field(default_factory=list, description="The engines those workers feed.")
     devices: list[str]
     dtypes: list[str]
     dtype_reasons: list[str] = Field(default_factory=list, description="Why the workers run that dtype "

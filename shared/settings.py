@@ -13,7 +13,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal, NamedTuple
 
-from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from engine.families import CONTEXT_LENGTHS, FAMILIES, detect_folder  # JSON only: no numpy, no torch
@@ -179,7 +179,18 @@ class Settings(BaseSettings):
     gpus: str = Field(
         default="auto", description="Launcher: GPUs to start workers on: auto, none, or ids like 0,1."
     )
-    workers_per_device: int = Field(default=1, ge=1, description="Launcher: workers per GPU (or CPU).")
+    feeders_per_device: int | None = Field(
+        default=None, ge=1, validation_alias=AliasChoices("feeders_per_device", "workers_per_device"),
+        description="Launcher: worker processes feeding each device's one engine (WORKERS_PER_DEVICE is read "
+                    "too); unset = from the host's cores per device (rerank.launch.default_feeders).",
+    )
+    engine_socket: str | None = Field(
+        default=None, description="Worker: feed the shared engine listening on this Unix socket (set by the "
+                                  "launcher) instead of starting an engine of its own.",
+    )
+    engine_wait: float = Field(
+        default=1800.0, gt=0, description="Worker: how long a feeder waits for its shared engine to be ready.",
+    )
     heartbeat_interval: float = Field(default=2.0, gt=0)
     visibility_timeout: int = Field(
         default=900, ge=5, description="Seconds before an unacknowledged task is handed out again."
@@ -295,6 +306,19 @@ def parse_models(value: str, default_max_length: int | None = None) -> list[Mode
     if len(set(names)) != len(names):
         raise ValueError(f"MODELS names a model twice: {names}")
     return specs
+
+
+def choose_model(settings: Settings, name: str | None) -> ModelSpec:
+    """The served model a worker or engine process is for (`--model`, needed when several are served)."""
+    specs = settings.served_models
+    if name is None:
+        if len(specs) > 1:
+            raise SystemExit(f"several models are served; pick one with --model: {[s.name for s in specs]}")
+        return specs[0]
+    for spec in specs:
+        if name in spec.aliases:
+            return spec
+    raise SystemExit(f"model {name!r} is not served; MODELS gives {[s.name for s in specs]}")
 
 
 @lru_cache(maxsize=1)

@@ -57,3 +57,21 @@ class WorkerRegistry:
         with self._lock:
             self._cache[model] = (now, infos)
         return infos
+
+
+def per_engine(workers: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The live workers grouped by the engine they feed (several feed one shared engine): one
+    description per engine, with its feeders counted and their measured pace summed (each batch
+    is reported to one feeder only), and its capacity counted once."""
+    engines: dict[str, dict[str, Any]] = {}
+    for w in workers:
+        key = w.get("engine_id") or w.get("id") or str(id(w))
+        e = engines.get(key)
+        if e is None:
+            engines[key] = dict(w, feeders=1)
+            continue
+        e["feeders"] += 1
+        for field in ("cost_per_second", "pairs_per_second"):
+            e[field] = (e.get(field) or 0.0) + (w.get(field) or 0.0)
+        e["capacity"] = max(e.get("capacity") or 0.0, w.get("capacity") or 0.0)
+    return list(engines.values())

@@ -370,6 +370,11 @@ def test_model_lookup_by_id(api, redis_url):
     card = r.json()
     listed = requests.get(api.url + "/v1/models", headers=AUTH, timeout=5).json()["data"][0]
     assert card["id"] == "tiny" and card["object"] == "model" and card["workers"] >= 1
+    # The engines those workers feed: each with its pid, memory and how many feed it.
+    assert card["engines"] and sum(e["feeders"] for e in card["engines"]) == card["workers"]
+    assert all(e["pid"] and e["memory_mib"] > 0 for e in card["engines"])
+    ready = requests.get(api.url + "/ready", timeout=5).json()["models"]["tiny"]
+    assert ready == {"workers": card["workers"], "engines": len(card["engines"])}
     assert {k: v for k, v in card.items() if k != "pairs_per_second"} == {
         k: v for k, v in listed.items() if k != "pairs_per_second"}
     r = requests.get(api.url + "/v1/models/bge-reranker-large", headers=AUTH, timeout=5)

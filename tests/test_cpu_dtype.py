@@ -64,7 +64,7 @@ def test_bf16_scores_stay_within_the_documented_bound(model_dir, engine, tokeniz
 
 def test_the_engine_bounds_the_kernel_caches(monkeypatch):
     """Both per-shape caches get a bound unless the environment set one (Engine.start sets them)."""
-    from engine.engine import KERNEL_CACHE_ENTRIES, bound_kernel_caches
+    from engine.runtime import KERNEL_CACHE_ENTRIES, bound_kernel_caches
 
     monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
     monkeypatch.setenv("LRU_CACHE_CAPACITY", "7")

@@ -271,9 +271,10 @@ def test_crash_looping_worker_is_retried_with_backoff_and_never_stops_the_rest(m
         assert "Not served yet" in log_path.read_text() and "broken" in log_path.read_text()
         api_and_redis = sorted(p for p in processes_marked(mark)
                                if "gunicorn" in _cmdline(p) or "redis-server" in _cmdline(p))
-        tiny = [p for p in processes_marked(mark) if "--model\0tiny" in _cmdline(p)]
+        # The engine holds the model's memory: the kernel's out-of-memory killer would pick it.
+        tiny = [p for p in processes_marked(mark) if "-m\0engine\0--model\0tiny\0" in _cmdline(p)]
         assert tiny and api_and_redis
-        os.kill(tiny[0], signal.SIGKILL)  # as the kernel's out-of-memory killer would
+        os.kill(tiny[0], signal.SIGKILL)
         wait_for(lambda: log_path.read_text().count("could not load its model") >= 3, 60, "three deaths")
         wait_for(lambda: requests.post(base + "/v1/rerank", json={"model": "tiny", "query": "q", "documents": ["x"]},
                                        timeout=10).status_code == 200, 60, "tiny served again after the kill")
@@ -282,9 +283,9 @@ def test_crash_looping_worker_is_retried_with_backoff_and_never_stops_the_rest(m
         ready = requests.get(base + "/ready", timeout=10)
         assert bad.status_code == 503 and "no worker" in bad.json()["error"], bad.text
         assert ready.status_code == 503 and ready.json()["missing"] == ["worker for broken"]
-        assert "worker[tiny@cpu#0] was killed by SIGKILL" in log_path.read_text()
+        assert "engine[tiny@cpu] was killed by SIGKILL" in log_path.read_text()
         delays = [line.split("restarting it in ")[1].split("s")[0] for line in log_path.read_text().splitlines()
-                  if "worker[broken" in line and "restarting it in" in line]
+                  if "engine[broken" in line and "restarting it in" in line]
         assert delays[:3] == ["0", "1", "2"], delays  # doubling, up to WORKER_RESTART_MAX_DELAY
         assert set(api_and_redis) <= set(processes_marked(mark))  # neither was restarted
 

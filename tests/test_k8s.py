@@ -154,10 +154,15 @@ def test_worker_pods_have_a_gpu_a_model_cache_shared_memory_and_time_to_finish(r
             assert byte_size(shm["sizeLimit"]) == byte_size(compose["services"]["worker"]["shm_size"])
             # A worker finishes what it holds before it goes: a realtime call lasts SYNC_TIMEOUT at most.
             assert pod["terminationGracePeriodSeconds"] >= 2 * Settings().sync_timeout
-            # One worker per pod, for the model the pod's label names; its health is that model's.
+            # One engine and its feeders per pod (the launcher), for the model the pod's label
+            # names; its health is that model's.
             env = env_of(container)
             assert env["WORKER_MODEL"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.labels['rerank-service/model']"
-            assert container["command"][-2:] == ["--model", "$(WORKER_MODEL)"]
+            assert container["command"] == ["rerank", "workers", "--model", "$(WORKER_MODEL)"]
+            # A core for the engine, one for each feeder: the feeders fit the pod's CPU request.
+            feeders = int(env["FEEDERS_PER_DEVICE"]["value"])
+            assert 1 <= feeders and feeders + 1 <= int(container["resources"]["requests"]["cpu"])
+            assert Settings(feeders_per_device=feeders).feeders_per_device == feeders
             for probe in ("startupProbe", "livenessProbe"):
                 assert "worker.healthcheck --model \"$WORKER_MODEL\"" in container[probe]["exec"]["command"][-1]
             assert model in config(docs)["MODELS"].split(",")

@@ -136,20 +136,46 @@ def test_startup_log_shows_the_configuration_without_the_token(api):
     assert "<2 token(s)>" in log and TOKENS[0] not in log
 
 
-def test_worker_plan_pins_one_worker_per_gpu(monkeypatch, model_dir):
+def test_worker_plan_pins_one_engine_and_its_feeders_per_gpu(monkeypatch, model_dir):
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    settings = Settings(models=f"a={model_dir},b={model_dir}", gpus="0,1", workers_per_device=1)
-    plan = worker_plan(settings)
-    assert [(env["CUDA_VISIBLE_DEVICES"], argv[-1]) for _, argv, env in plan] == [
-        ("0", "a"), ("1", "a"), ("0", "b"), ("1", "b")]
+    settings = Settings(models=f"a={model_dir},b={model_dir}", gpus="0,1", feeders_per_device=2)
+    plan = worker_plan(settings, socket_dir="/run/x")
+    engines = [p for p in plan if p.role == "engine"]
+    assert [(p.env["CUDA_VISIBLE_DEVICES"], p.model) for p in engines] == [("0", "a"), ("1", "a"), ("0", "b"),
+                                                                         ("1", "b")]
+    for engine in engines:
+        socket_path = engine.argv[engine.argv.index("--socket") + 1]
+        feeders = [p for p in plan if p.role == "feeder" and p.env.get("ENGINE_SOCKET") == socket_path]
+        # Each engine comes before its feeders (stopped after them), which run on its GPU.
+        assert len(feeders) == 2 and all(plan.index(f) > plan.index(engine) for f in feeders)
+        assert all(f.env["CUDA_VISIBLE_DEVICES"] == engine.env["CUDA_VISIBLE_DEVICES"] for f in feeders)
+    assert len({p.argv[-1] for p in engines}) == 4  # a socket each
     assert visible_gpus("none") == [] and visible_gpus("2, 3") == ["2", "3"]
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5")
     assert visible_gpus("auto") == ["4", "5"]
+    # WORKERS_PER_DEVICE, the old name, still says how many.
     cpu = worker_plan(Settings(models=f"a={model_dir}", gpus="none", workers_per_device=2))
-    assert len(cpu) == 2 and all(env == {} for _, _, env in cpu)
+    assert [p.role for p in cpu] == ["engine", "feeder", "feeder"] and all("CUDA_VISIBLE_DEVICES" not in p.env
+                                                                          for p in cpu)
+    # The model in each worker (a comparison layout): no engine process.
+    old = worker_plan(Settings(models=f"a={model_dir}", gpus="none", workers_per_device=2, engine_process=False))
+    assert [p.role for p in old] == ["worker", "worker"]
 
 
-def test_workers_command_runs_two_cpu_workers_and_restarts_a_dead_one(stack_env, model_dir, tmp_path):
+def test_feeders_default_to_the_cores_per_gpu(monkeypatch, model_dir):
+    from rerank import launch
+
+    monkeypatch.setattr(launch, "available_cores", lambda: 16)
+    assert launch.default_feeders(Settings(models=f"a={model_dir}"), 2) == 7  # 8 cores per GPU, one for its engine
+    assert launch.default_feeders(Settings(models=f"a={model_dir}"), 1) == launch.MAX_FEEDERS
+    assert launch.default_feeders(Settings(models=f"a={model_dir}", device="cpu"), 0) == 1  # the model needs the cores
+    assert launch.default_feeders(Settings(models=f"a={model_dir}", device="sim"), 0) == 8
+    monkeypatch.setattr(launch, "available_cores", lambda: 2)
+    assert launch.default_feeders(Settings(models=f"a={model_dir}", device="sim"), 0) == 1
+    assert launch.default_feeders(Settings(models=f"a={model_dir}", feeders_per_device=3), 8) == 3
+
+
+def test_workers_command_runs_an_engine_and_two_feeders_and_restarts_what_dies(stack_env, model_dir, tmp_path):
     env = base_env(**dict(stack_env, MODELS=f"pool={model_dir}", GPUS="none", WORKERS_PER_DEVICE="2"))
     log = open(tmp_path / "workers.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "rerank", "workers"], env=env, cwd=ROOT, stdout=log,
@@ -157,10 +183,25 @@ def test_workers_command_runs_two_cpu_workers_and_restarts_a_dead_one(stack_env,
     registry = WorkerRegistry(redis.Redis.from_url(stack_env["REDIS_URL"]))
     try:
         first = wait_for(lambda: (w := registry.alive("pool", fresh=True)) and len(w) == 2 and w, 90, "2 workers")
-        victim = first[0]["pid"]
+        # Two feeders, one engine: one copy of the weights, in a process of its own.
+        assert len({w["engine_id"] for w in first}) == 1 and all(w["engine_shared"] for w in first)
+        engine_pid = first[0]["engine_pid"]
+        assert engine_pid not in {w["pid"] for w in first} and first[0]["engine_memory_mib"] > 0
+        assert "libtorch" in open(f"/proc/{engine_pid}/maps").read()
+        assert all("libtorch" not in open(f"/proc/{w['pid']}/maps").read() for w in first)
+        # The engine dies: its feeders stop announcing themselves (the API answers 503) and, once
+        # the launcher has restarted it, they rejoin it (the same feeder processes).
+        subprocess.run(["kill", "-9", str(engine_pid)], check=True)
+        wait_for(lambda: len(registry.alive("pool", fresh=True)) < 2, 10, "the feeders to see their engine gone")
+        back = wait_for(lambda: (w := registry.alive("pool", fresh=True)) and len(w) == 2
+                        and all(x["engine_pid"] != engine_pid for x in w) and w, 90, "the engine back")
+        assert {w["pid"] for w in back} == {w["pid"] for w in first}
+        # A feeder dies: it alone is restarted.
+        victim = back[0]["pid"]
         subprocess.run(["kill", "-9", str(victim)], check=True)
         wait_for(lambda: len(registry.alive("pool", fresh=True)) == 2
                  and victim not in {w["pid"] for w in registry.alive("pool", fresh=True)}, 90, "a restarted worker")
+        assert {w["engine_pid"] for w in registry.alive("pool", fresh=True)} == {back[0]["engine_pid"]}
         proc.send_signal(signal.SIGINT)
         assert proc.wait(60) == 0
         time.sleep(0.5)

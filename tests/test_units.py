@@ -120,3 +120,32 @@ def test_a_job_stored_before_its_options_moved_keeps_them():
               b"return_chunks": b"0", b"options": b'{"direction": "left", "chunk_overlap": 8}'}
     options = ScoreOptions.model_validate_json(Job.from_redis(stored).options)
     assert options == ScoreOptions(direction="left", chunk_overlap=8, raw_scores=True, return_documents=True)
+
+
+def test_feeders_of_one_engine_count_its_capacity_once():
+    from api.admission import capacity
+    from shared.workers import per_engine
+
+    feeders = [{"id": "f1", "engine_id": "e1", "capacity": 1000.0, "pairs_per_second": 30.0, "cost_per_second": 900.0},
+               {"id": "f2", "engine_id": "e1", "capacity": 1000.0, "pairs_per_second": 0.0, "cost_per_second": 0.0},
+               {"id": "w3", "capacity": 500.0, "pairs_per_second": 10.0}]  # a worker with its own engine
+    engines = per_engine(feeders)
+    assert [(e["feeders"], e["capacity"], e["pairs_per_second"]) for e in engines] == [(2, 1000.0, 30.0),
+                                                                                     (1, 500.0, 10.0)]
+    assert capacity(feeders) == 1500.0  # not 2500: two feeders, one device
+
+
+def test_kombu_channels_reuse_one_redis_client_and_follow_a_new_pool(redis_url):
+    from kombu import Connection
+
+    from shared.kombu_clients import reuse_redis_clients
+
+    reuse_redis_clients()
+    with Connection(redis_url) as connection:
+        channel = connection.channel()
+        with channel.conn_or_acquire() as first, channel.conn_or_acquire() as second:
+            assert first is second and first.ping()
+        channel._pool = None  # what kombu does on a reconnect: the next client uses the new pool
+        with channel.conn_or_acquire() as third:
+            assert third is not first and third.connection_pool is channel.pool and third.ping()
+        channel.close()

@@ -1,9 +1,12 @@
-"""`python -m worker [--model NAME]`: start one model's engine, then serve its queues with Celery.
+"""`python -m worker [--model NAME]`: join (or start) one model's engine, then serve its queues.
 
-One worker per model and device. The engine (engine/) is started first, in a process of its own
-(`ENGINE_PROCESS`, on by default): it loads the model, warms the device up and measures its
-capacity before the Celery consumer takes a single task. This process keeps what is not the
-model: Celery's threads, tokenizing, results, heartbeat. Tasks find the engine on the Celery app.
+A worker is a feeder: Celery's threads, tokenizing, results, heartbeat; the model is in an engine
+process. With ENGINE_SOCKET (set by the launcher) it feeds the device's shared engine, which
+several workers feed at once; it waits for that engine to be ready before Celery takes a task,
+and rejoins it whenever it restarts. Without it, the worker starts an engine process of its own
+(`ENGINE_PROCESS`, on by default; off: the model in this process, for comparisons) and exits
+with EXIT_ENGINE_DIED if that engine dies. Either way the model is loaded, warm and its capacity
+measured before the first task. Tasks find the engine on the Celery app.
 """
 
 from __future__ import annotations
@@ -16,14 +19,15 @@ import sys
 from celery import signals
 
 from engine import Engine, EngineConfig
-from engine.process import EngineFailed
+from engine.runtime import limit_openmp_spinning
 from shared import names, redis_client, tracing
 from shared.celery_config import make_celery
 from shared.feed import Feeder
 from shared.jobs import JobStore
 from shared.logs import configure_logging
 from shared.pending import PendingWork
-from shared.settings import ModelSpec, Settings, get_settings
+from shared.lifecycle import EXIT_ENGINE_DIED, EXIT_MODEL_FAILED
+from shared.settings import ModelSpec, Settings, choose_model, get_settings
 from shared.storage import JobStorage
 from worker.celery_workarounds import BulkGate, apply_kombu_fixes
 from worker.context import WorkerContext
@@ -33,37 +37,12 @@ from worker.reaper import Reaper
 
 log = logging.getLogger("worker")
 
-#: Exit status of a worker whose model could not be loaded (the launcher retries it with back-off).
-EXIT_MODEL_FAILED = 3
-#: Exit status of a worker whose engine process died under it (the launcher restarts it).
-EXIT_ENGINE_DIED = 4
-
-
-def choose_model(settings: Settings, name: str | None) -> ModelSpec:
-    specs = settings.served_models
-    if name is None:
-        if len(specs) > 1:
-            raise SystemExit(f"several models are served; pick one with --model: {[s.name for s in specs]}")
-        return specs[0]
-    for spec in specs:
-        if name in spec.aliases:
-            return spec
-    raise SystemExit(f"model {name!r} is not served; MODELS gives {[s.name for s in specs]}")
-
-
-def engine_config(settings: Settings, spec: ModelSpec) -> EngineConfig:
-    return EngineConfig(
-        source=spec.source, max_length=spec.max_length, family=spec.family, template=spec.template,
-        device=settings.device, dtype=settings.dtype,
-        max_batch_tokens=settings.max_batch_tokens, cuda_graphs=settings.cuda_graphs,
-        graph_max_tokens=settings.cuda_graph_max_tokens, sim_profile=settings.sim_profile,
-        torch_threads=settings.torch_threads, torch_compile=settings.torch_compile, log_level=settings.log_level, log_json=settings.log_json,
-    )
-
-
 def build_context(settings: Settings, spec: ModelSpec) -> WorkerContext:
-    """Start the engine and everything the tasks share; exits with status 3 if the model cannot load."""
+    """Start or join the engine, and everything the tasks share; exits with EXIT_MODEL_FAILED if
+    the model cannot load."""
     metrics, pace = WorkerMetrics(spec.name), Pace()
+    worker_id = WorkerContext.new_id()
+    built: list[WorkerContext] = []
 
     def on_batch(stats) -> None:
         pace.record(stats.pairs, stats.cost, stats.seconds)
@@ -75,18 +54,26 @@ def build_context(settings: Settings, spec: ModelSpec) -> WorkerContext:
         log.critical("%s: this worker stops", reason)
         os._exit(EXIT_ENGINE_DIED)
 
-    if settings.engine_process:
-        os.environ.setdefault("GOMP_SPINCOUNT", "10000")  # see engine.engine.configure_child
+    def on_state(up: bool) -> None:
+        # A shared engine went away or came back: say so in the heartbeat at once, so the API
+        # answers 503 meanwhile instead of queueing calls nobody can score.
+        if built and built[0].heartbeat is not None:
+            built[0].heartbeat.wake()
+
+    if settings.engine_process or settings.engine_socket:
+        limit_openmp_spinning()
     try:
-        engine = Engine.start(engine_config(settings, spec), process=settings.engine_process,
-                              on_batch=on_batch, on_exit=on_exit)
-    except (EngineFailed, Exception):
+        engine = Engine.start(EngineConfig.from_settings(settings, spec), process=settings.engine_process,
+                              socket=settings.engine_socket, on_batch=on_batch, on_exit=on_exit, on_state=on_state,
+                              hello={"id": worker_id, "pid": os.getpid()}, wait=settings.engine_wait)
+    except Exception:
         log.exception("could not load model %s from %s; this worker takes no work", spec.name, spec.source)
         sys.exit(EXIT_MODEL_FAILED)
     client = redis_client.connect(settings, socket_connect_timeout=2, socket_timeout=10, health_check_interval=30)
-    ctx = WorkerContext(spec=spec, settings=settings, engine=engine, redis=client,
+    ctx = WorkerContext(spec=spec, settings=settings, engine=engine, redis=client, worker_id=worker_id,
                         job_store=JobStore(client, settings.job_ttl), job_storage=JobStorage(settings.job_storage_url),
                         metrics=metrics, pace=pace, chars_per_token=CharsPerToken(), pending=PendingWork(client))
+    built.append(ctx)
     info = engine.info
     log.info("model %s from %s on %s (%s: %s; %s, max_length %d, %d tokens per batch, capacity %.0f tokens/s) "
              "ready in %.1fs%s", spec.name, spec.source, info["device"], info["dtype"],
@@ -117,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
     gate.connect()
     reaper = Reaper(app, ctx.redis, ctx.worker_id, settings.redeliver_after)  # dead workers' messages
     reaper.connect()
-    heartbeat = Heartbeat(ctx, on_beat=lambda: (gate.sync(), reaper.beat()))
+    heartbeat = ctx.heartbeat = Heartbeat(ctx, on_beat=lambda: (gate.sync(), reaper.beat()))
 
     @signals.worker_ready.connect(weak=False)
     def _ready(**_: object) -> None:

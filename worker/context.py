@@ -11,6 +11,7 @@ import os
 import socket
 import uuid
 from dataclasses import dataclass, field
+from typing import Any
 
 import redis
 
@@ -36,7 +37,12 @@ class WorkerContext:
     chars_per_token: CharsPerToken
     pending: PendingWork
     feeder: Feeder | None = None  # set once the Celery app exists: it sends the next bulk pieces
-    worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}")
+    heartbeat: Any = None  # worker.heartbeat.Heartbeat, once started
+    worker_id: str = field(default_factory=lambda: WorkerContext.new_id())
+
+    @staticmethod
+    def new_id() -> str:
+        return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
     def describe(self) -> dict[str, object]:
         """The heartbeat's content: what the API and operators know of this worker."""
@@ -69,4 +75,9 @@ class WorkerContext:
             "host": socket.gethostname(),
             "pid": os.getpid(),
             "engine_pid": info.get("pid"),
+            # Several workers may feed one engine (ENGINE_SOCKET): the API counts engines by id.
+            "engine_id": info.get("engine_id") or f"{socket.gethostname()}-{info.get('pid') or os.getpid()}",
+            "engine_shared": bool(info.get("shared", False)),
+            "engine_memory_mib": info.get("memory_mib"),
+            "engine_connected": self.engine.connected,
         }

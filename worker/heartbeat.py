@@ -26,6 +26,7 @@ class Heartbeat:
         self.ctx = ctx
         self.on_beat = on_beat  # e.g. the bulk gate's re-check
         self._stop = threading.Event()
+        self._wake = threading.Event()
         self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
 
     def start(self) -> None:
@@ -33,14 +34,24 @@ class Heartbeat:
 
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
         try:
             WorkerRegistry(self.ctx.redis).withdraw(self.ctx.spec.name, self.ctx.worker_id)
         except redis.RedisError:
             pass
 
+    def wake(self) -> None:
+        """Beat now (the engine went away or came back)."""
+        self._wake.set()
+
     def beat(self) -> None:
         ctx = self.ctx
         ttl = 3 * ctx.settings.heartbeat_interval
+        if not ctx.engine.connected:
+            # Its shared engine is restarting: nothing it takes could be scored, so the API must
+            # not count it (503 at once) until the engine is back.
+            WorkerRegistry(ctx.redis).withdraw(ctx.spec.name, ctx.worker_id)
+            return
         WorkerRegistry(ctx.redis).announce(ctx.spec.name, ctx.worker_id, ctx.describe(), ttl=ttl)
         ctx.redis.set(names.worker_metrics_key(ctx.worker_id), json.dumps(ctx.metrics.snapshot()),
                       px=int(ttl * 1000))
@@ -53,4 +64,5 @@ class Heartbeat:
                 log.warning("heartbeat failed: %s", exc)
             if self.on_beat is not None:
                 self.on_beat()
-            self._stop.wait(self.ctx.settings.heartbeat_interval)
+            self._wake.wait(self.ctx.settings.heartbeat_interval)
+            self._wake.clear()

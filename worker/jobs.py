@@ -12,7 +12,7 @@ import logging
 import time
 
 from engine import BULK, Encoded, Engine
-from engine.batcher import Cancelled
+from engine.errors import Cancelled, EngineFailed
 from shared import jobs as job_state
 from shared import tracing
 from shared.ranking import results_of
@@ -74,6 +74,8 @@ def _run_piece(ctx: WorkerContext, task: PieceTask) -> str:
             tracing.engine_spans(submitted, getattr(handle, "timings", None), **{"rerank.pairs": whole.pairs})
     except Cancelled:
         return "cancelled"
+    except EngineFailed:
+        raise  # the engine restarted: the piece goes back to its queue (worker/tasks.py), not failed
     except Exception as exc:  # a piece that cannot be scored is reported, not retried for ever
         log.exception("job %s piece %d failed", task.job_id, task.piece)
         message = failure_of(exc).message

@@ -6,7 +6,7 @@ import logging
 import time
 
 from engine import REALTIME, Engine
-from engine.batcher import Expired
+from engine.errors import Expired
 from shared import names, tracing
 from shared.schemas import ScoreReply, ScoreTask
 from worker.context import WorkerContext

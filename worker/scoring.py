@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from engine import DocumentPolicy, Encoded, InputTooLong, InstructionNotAccepted, Scores
-from engine.process import EngineFailed
+from engine.errors import EngineFailed
 from shared.schemas import Failure, FailureKind, ScoreOptions, Scored
 from worker.context import WorkerContext
 

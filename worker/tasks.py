@@ -9,6 +9,7 @@ import redis
 from celery import Task, shared_task
 from celery.exceptions import Reject
 
+from engine.errors import EngineFailed
 from shared import names, tracing
 from shared.logs import request_id
 from shared.schemas import PieceTask, ScoreTask
@@ -46,6 +47,9 @@ def rerank_realtime(self: WorkerTask, payload: dict) -> None:
     send_reply(ctx, task.call_id, reply)
 
 
+#: How long a piece whose engine restarted waits for it before going back to its queue.
+ENGINE_WAIT_SECONDS = 30
+
 #: Tries of a piece whose storage fails (an object store hiccup) before its job fails visibly.
 STORAGE_TRIES = 4
 
@@ -67,6 +71,12 @@ def rerank_bulk_piece(self: WorkerTask, payload: dict) -> None:
         except redis.RedisError as exc:
             log.warning("job %s piece %d: Redis unusable (%s); handing the piece back", task.job_id, task.piece, exc)
             time.sleep(1)  # no hot loop while Redis is away
+            raise Reject(exc, requeue=True) from None
+        except EngineFailed as exc:
+            # The engine died mid-piece (a shared one comes back; a worker's own takes the worker
+            # with it): hand the piece back once the engine is back, or after a pause.
+            log.warning("job %s piece %d: %s; handing the piece back", task.job_id, task.piece, exc)
+            ctx.engine.wait_ready(ENGINE_WAIT_SECONDS)
             raise Reject(exc, requeue=True) from None
         except OSError as exc:
             if isinstance(exc, FileNotFoundError) or attempt + 1 == STORAGE_TRIES:

@@ -11,8 +11,9 @@ from api.answers import answer
 from api.errors import ApiError
 from api.openapi import documented
 from shared import redis_state
-from shared.schemas import HealthResponse, ModelCard, ModelList, ReadyResponse
+from shared.schemas import EngineCard, HealthResponse, ModelCard, ModelList, ReadyResponse
 from shared.settings import ModelSpec, Settings
+from shared.workers import per_engine
 
 bp = Blueprint("ops", __name__)
 
@@ -34,10 +35,11 @@ def ready():
     dispatcher = current_app.extensions["dispatcher"]
     state = redis_state.probe(dispatcher.redis)  # a write: PING passes while writes are refused
     try:
-        counts = {s.name: len(dispatcher.workers.alive(s.name)) for s in settings.served_models}
+        live = {s.name: dispatcher.workers.alive(s.name) for s in settings.served_models}
     except Exception:  # noqa: BLE001 - any Redis failure means "not ready"
-        counts = {}
-    models = {name: {"workers": n} for name, n in counts.items()}
+        live = {}
+    counts = {name: len(workers) for name, workers in live.items()}
+    models = {name: {"workers": len(workers), "engines": len(per_engine(workers))} for name, workers in live.items()}
     if not state.ok:
         return answer(ReadyResponse(status="unavailable", redis=state.state, models=models, missing=["redis"],
                                     detail=state.reason), 503)
@@ -49,6 +51,7 @@ def ready():
 
 def _card(spec: ModelSpec) -> ModelCard:
     workers = current_app.extensions["dispatcher"].workers.alive(spec.name)
+    engines = per_engine(workers)
     return ModelCard(
         id=spec.name,
         source=spec.source,
@@ -56,11 +59,15 @@ def _card(spec: ModelSpec) -> ModelCard:
         family=next((w["family"] for w in workers if w.get("family")), spec.family),
         context_length=next((w["context_length"] for w in workers if w.get("context_length")), spec.max_length),
         workers=len(workers),
+        engines=[EngineCard(id=str(e.get("engine_id") or e.get("id")), device=str(e.get("device", "?")),
+                            feeders=e["feeders"], pid=e.get("engine_pid"), host=e.get("host"),
+                            memory_mib=e.get("engine_memory_mib"), shared=bool(e.get("engine_shared")))
+                 for e in engines],
         devices=sorted({w.get("device", "?") for w in workers}),
         dtypes=sorted({w.get("dtype", "?") for w in workers}),
         dtype_reasons=sorted({w["dtype_reason"] for w in workers if w.get("dtype_reason")}),
         pairs_per_second=round(sum(w.get("pairs_per_second") or 0 for w in workers), 2) or None,
-        capacity=round(sum(w.get("capacity") or 0 for w in workers), 1) or None,
+        capacity=round(sum(e.get("capacity") or 0 for e in engines), 1) or None,
         backends=sorted({w["backend"] for w in workers if w.get("backend")}),
         graph_memory_mib=max((w.get("graph_memory_mib") or 0 for w in workers), default=0) or None,
         simulated=any(w.get("simulated") for w in workers),

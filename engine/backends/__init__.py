@@ -20,9 +20,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-
-class OutOfMemory(Exception):
-    """The device ran out of memory on this batch; a smaller one may fit."""
+from engine.errors import OutOfMemory  # noqa: F401  (re-exported: backends raise it)
 
 
 @dataclass

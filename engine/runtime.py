@@ -35,6 +35,25 @@ def limit_openmp_spinning() -> None:
     os.environ.setdefault("GOMP_SPINCOUNT", GOMP_SPINCOUNT)
 
 
+#: Entries each of the two per-shape kernel caches of torch's oneDNN path keeps (docs/cpu.md,
+#: "Memory under varied load"): about half a MiB each on tiny, 2 MiB per shape on base.
+KERNEL_CACHE_ENTRIES = "64"
+
+
+def bound_kernel_caches() -> None:
+    """Bound the caches that grow with the number of batch shapes on a CPU's bf16 path.
+
+    bf16 matrix multiplications go through oneDNN, which builds a kernel per input shape (rows x
+    width varies with every batch: hundreds of shapes) and keeps it in two caches of 1024 entries
+    by default: oneDNN's primitive cache (`ONEDNN_PRIMITIVE_CACHE_CAPACITY`) and ideep's
+    (`LRU_CACHE_CAPACITY`). Full, they held about 860 MiB on the tiny model (bench/cpu_memory.py):
+    a plateau, not a leak, but more than a small box should give. Both read their variable when
+    first used, so this works even after torch is imported, as long as no bf16 matmul ran yet;
+    a value set in the environment wins."""
+    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", KERNEL_CACHE_ENTRIES)
+    os.environ.setdefault("LRU_CACHE_CAPACITY", KERNEL_CACHE_ENTRIES)
+
+
 def configure_engine_process(config) -> None:
     """Logging and CPU threads of an engine process, before torch loads."""
     from shared.logs import setup_logging
@@ -60,6 +79,7 @@ def build_runtime(config, *, on_batch: Callable[[BatchStats], None] | None = Non
                   ) -> tuple[Batcher, dict[str, Any]]:
     """Load the backend, warm it up, measure its capacity, start the batcher."""
     started = time.perf_counter()
+    bound_kernel_caches()
     backend = load_backend(config)
     info = backend.describe()
     budget = config.max_batch_tokens or default_batch_tokens(str(info["device"]).split(":")[0])

@@ -173,6 +173,9 @@ class Settings(BaseSettings):
     )
     worker_concurrency: int = Field(default=32, ge=1, description="Celery threads per worker.")
     torch_threads: int | None = Field(default=None, ge=1, description="CPU threads for torch.")
+    torch_compile: bool = Field(
+        default=False, description="On a CPU, run the model through torch.compile (inductor); eager if it fails."
+    )
     gpus: str = Field(
         default="auto", description="Launcher: GPUs to start workers on: auto, none, or ids like 0,1."
     )

@@ -4,6 +4,7 @@ stay within the bound docs/cpu.md states."""
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 
@@ -59,6 +60,17 @@ def test_bf16_scores_stay_within_the_documented_bound(model_dir, engine, tokeniz
             assert 0 < np.max(np.abs(ref - got)) <= SCORE_BOUND
     finally:
         bf16.stop()
+
+
+def test_the_engine_bounds_the_kernel_caches(monkeypatch):
+    """Both per-shape caches get a bound unless the environment set one (Engine.start sets them)."""
+    from engine.runtime import KERNEL_CACHE_ENTRIES, bound_kernel_caches
+
+    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
+    monkeypatch.setenv("LRU_CACHE_CAPACITY", "7")
+    bound_kernel_caches()
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == KERNEL_CACHE_ENTRIES
+    assert os.environ["LRU_CACHE_CAPACITY"] == "7"
 
 
 @pytest.mark.stack

@@ -96,7 +96,7 @@ def hard(model_dir, tmp_path_factory) -> Hard:
     data = tmp_path_factory.mktemp("hard-data")
     port = free_port()
     redis_proc, url = start_redis(log_dir, port=port, data_dir=data / "redis")
-    env = base_env(REDIS_URL=url, DTYPE="float32", MODELS=f"tiny={model_dir},broken={data}/missing-model",
+    env = base_env(REDIS_URL=url, MODELS=f"tiny={model_dir},broken={data}/missing-model",
                    ACCESS_TOKEN=",".join(TOKENS), SYNC_TIMEOUT=str(SYNC_TIMEOUT), MAX_DOCUMENTS="64",
                    MAX_REQUEST_BYTES="262144", MAX_PENDING_TOKENS="16000", HEARTBEAT_INTERVAL="0.5",
                    VISIBILITY_TIMEOUT="5", WORKER_CONCURRENCY="16", DATA_DIR=str(data), JOB_PIECE_PAIRS="40",

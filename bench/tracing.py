@@ -2,7 +2,7 @@
 
 Two stacks on one Redis, each a gunicorn API and a worker with its engine process serving the
 same tiny random model: one with no OTLP endpoint (tracing off), one exporting every call
-(`OTEL_TRACES_SAMPLER=always_on`) to an OTLP/HTTP receiver in a process of its own (tests/otlp.py). The
+(`OTEL_TRACES_SAMPLER=always_on`) to an OTLP/HTTP receiver in a process of its own (rerank/otlp.py). The
 same calls go to both in alternating rounds, one at a time (latency) and from 8 threads
 (throughput); the ratios are on/off. A tiny model keeps the forward pass short, so the service's
 own per-call work, where tracing adds its spans, weighs as much as it can. Also timed: what a span
@@ -129,7 +129,7 @@ def main() -> None:
     procs = []
     # The receiver runs in a process of its own (decoding spans must not slow this one, the
     # client) and outlives the stacks: what they still hold is sent as they stop.
-    receiver = subprocess.Popen([sys.executable, "-m", "tests.otlp"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+    receiver = subprocess.Popen([sys.executable, "-m", "rerank.otlp"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                 text=True, cwd=ROOT)
     endpoint = receiver.stdout.readline().strip()
     try:

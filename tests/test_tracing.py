@@ -1,5 +1,5 @@
 """OpenTelemetry traces across the queue, read by a real OTLP receiver in the test process
-(tests/otlp.py decodes opentelemetry-proto's ExportTraceServiceRequest): a traced call is one
+(rerank/otlp.py decodes opentelemetry-proto's ExportTraceServiceRequest): a traced call is one
 trace from the API's request span through the Celery publish to the worker's task and the
 engine's queue wait and forward pass; an incoming `traceparent` is honoured; a bulk piece is a
 span linked to the call that created its job; and with tracing off nothing is sent."""
@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import requests
 
-from tests.otlp import Receiver
+from rerank.otlp import Receiver
 from tests.procs import ROOT, base_env, start_api, start_worker, wait_for
 
 

@@ -153,7 +153,7 @@ class Receiver:
         self._thread.join(5)
 
 
-if __name__ == "__main__":  # python -m tests.otlp: a receiver in a process of its own (bench/tracing.py)
+if __name__ == "__main__":  # python -m rerank.otlp: a receiver in a process of its own (bench/tracing.py)
     import sys
 
     with Receiver() as receiver:

@@ -6,10 +6,9 @@ Zen 4 and later), float32 elsewhere: without those instructions bf16 is emulated
 float32. `DTYPE=float32` keeps the reference path.
 
 bf16 on a CPU means bf16 matrix multiplications (`bf16_matmuls`): every `nn.Linear` of the model
-holds bf16 weights and multiplies bf16 inputs (oneDNN accumulates in float32), a cross-encoder's
-attention products run in bf16 under SDPA, while the residual stream, layer norms, the
-classification head's output and everything after it (sigmoid, the chunk merge, sorting) stay
-float32. Measured on base (docs/cpu.md): as fast as
+holds bf16 weights and multiplies bf16 inputs (oneDNN accumulates in float32), while the residual
+stream, layer norms, attention, the classification head's output and everything after it
+(sigmoid, the chunk merge, sorting) stay float32. Measured on base (docs/cpu.md): as fast as
 casting the whole model to bf16 (2.1 x float32 in CPU time at one thread), with a third of its
 score error, since a whole-bf16 model rounds the residual stream to 8 bits of mantissa after
 every layer.
@@ -111,43 +110,11 @@ class Bf16Linear(torch.nn.Module):
 
 def bf16_matmuls(model: torch.nn.Module) -> int:
     """Swap every `nn.Linear` of a float32 model (but a head's last projection) for `Bf16Linear`;
-    returns how many were swapped. Under SDPA, a cross-encoder's attention runs in bf16 too
-    (`_bf16_attention`)."""
+    returns how many were swapped."""
     swapped = 0
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if type(child) is torch.nn.Linear and child.out_features > _HEAD_OUTPUTS:
                 setattr(module, name, Bf16Linear(child, bf16_output=child.out_features > child.in_features))
                 swapped += 1
-    if getattr(getattr(model, "config", None), "_attn_implementation", None) == "sdpa":
-        for module in model.modules():
-            _bf16_attention(module)
     return swapped
-
-
-def _bf16_attention(module: torch.nn.Module) -> None:
-    """A BERT-style self-attention (`query`, `key`, `value` projections: XLM-R, the bge
-    cross-encoders) gets its projections' outputs, and so SDPA's products, in bf16; its additive
-    mask follows (SDPA wants the query's dtype). The attention output goes on into a `Bf16Linear`
-    that returns float32 to the residual stream, which stays float32. SDPA's CPU kernel keeps
-    its softmax sums in float32. Measured on base at one thread on an AMX CPU (docs/cpu.md): 19 %
-    less CPU per pass than float32 attention, no larger error. The LLM families' attention
-    (q_proj/k_proj/v_proj, with RoPE and norms on q and k) is left as it is."""
-    projections = [getattr(module, name, None) for name in ("query", "key", "value")]
-    if not all(isinstance(p, Bf16Linear) for p in projections):
-        return
-    for projection in projections:
-        projection.bf16_output = True
-
-    def mask_in_bf16(_module, args, kwargs):
-        if len(args) > 1 and _is_float_mask(args[1]):
-            args = (args[0], args[1].to(torch.bfloat16), *args[2:])
-        if _is_float_mask(kwargs.get("attention_mask")):
-            kwargs = {**kwargs, "attention_mask": kwargs["attention_mask"].to(torch.bfloat16)}
-        return args, kwargs
-
-    module.register_forward_pre_hook(mask_in_bf16, with_kwargs=True)
-
-
-def _is_float_mask(mask) -> bool:
-    return isinstance(mask, torch.Tensor) and mask.dtype == torch.float32

@@ -4,7 +4,7 @@
 # and a failed step does not stop the next, so one call always brings back what it could measure.
 #
 #   # here, once per requirements change (the GPU machine has no network):
-#   bash ../shared/gpu/wheels.sh            # or any way of putting the missing wheels in .whl/
+#   bash scripts/gpu-wheels.sh              # the wheels the GPU machine lacks, into .whl/
 #   # there (the device tool's run, carrying .whl; $OUT is what comes back):
 #   bash bench/gpu_session.sh
 #

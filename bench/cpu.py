@@ -1,14 +1,16 @@
-"""CPU dtypes side by side: the service with `DTYPE=float32` (the reference path) and with the
-default `DTYPE=auto` (bf16 where the CPU has native bf16 matrix units), in one run, on the
-bge-reranker-base architecture, with Infinity on the same model folder if it is installed.
+"""CPU dtypes and backends side by side: the service with `DTYPE=float32` (the reference path),
+with the default `DTYPE=auto` (bf16 where the CPU has native bf16 matrix units) and with
+`CPU_BACKEND=openvino` (if openvino is installed), in one run, on the bge-reranker-base
+architecture, with Infinity on the same model folder if it is installed.
 
-    python -m bench.cpu                                   # W1, W2, W3 (about 10 minutes on 2 cores)
+    python -m bench.cpu                                   # W1, W2, W3 (about 15 minutes on 2 cores)
     python -m bench.cpu --infinity /path/venv/bin/infinity_emb --infinity-args "--engine torch --dtype bfloat16"
 
 W1: one call of 100 FastGPT-like documents (30-400 tokens), `--w1-reps` turns per system.
 W2: concurrent clients, 20 documents a call, pairs per second (best of `--repeat` turns).
 W3: one document a call, p50 (best of `--repeat` turns), against the in-process engine of the
-    default dtype (the stack's overhead: W3's target is in-process + 3 ms).
+    default dtype, and of OpenVINO for the openvino service (the stack's overhead: W3's target is
+    in-process + 3 ms).
 Systems are loaded side by side and measured in turns (bench/run.py), so the drift of a shared
 VM falls on all of them alike. The model is a random-weight XLM-R with base's exact shape and a
 4k vocabulary (bench/cpu_fidelity.py builds it): the embedding table's size changes no arithmetic.
@@ -43,7 +45,14 @@ TARGETS = {
     "w2_auto_over_float32": (">=", 3.0),
     "w2_auto_over_infinity": (">=", 1.5),
     "w3_added_ms_p50": ("<=", 3.0),
+    "w1_openvino_over_float32_p50": ("<=", 0.3),
+    "w2_openvino_over_float32": (">=", 3.0),
+    "w2_openvino_over_infinity": (">=", 1.5),
+    "w3_openvino_added_ms_p50": ("<=", 3.0),
 }
+#: The services measured: name -> settings.
+SYSTEMS = {"float32": {"DTYPE": "float32"}, "auto": {"DTYPE": "auto"},
+           "openvino": {"DTYPE": "auto", "CPU_BACKEND": "openvino"}}
 
 
 class Infinity:
@@ -110,23 +119,25 @@ def threads_w1(path: Path, w, threads: list[int], reps: int) -> dict[str, dict[s
 
 def ratios(r: dict) -> dict[str, float]:
     out = {}
-    f, a, i, c = (r.get(k, {}) for k in ("float32", "auto", "infinity", "ceiling"))
-    if "w1" in f and "w1" in a:
-        out["w1_auto_over_float32_p50"] = a["w1"]["p50_ms"] / f["w1"]["p50_ms"]
-    if "w2" in f and "w2" in a:
-        out["w2_auto_over_float32"] = a["w2"]["pairs_per_s"] / f["w2"]["pairs_per_s"]
-    if "w2" in i and "w2" in a:
-        out["w2_auto_over_infinity"] = a["w2"]["pairs_per_s"] / i["w2"]["pairs_per_s"]
-    if "w3" in a and "w3" in c:
-        out["w3_added_ms_p50"] = a["w3"]["p50_ms"] - c["w3"]["p50_ms"]
-    if "w1" in i and "w1" in a:
-        out["w1_auto_over_infinity_p50"] = a["w1"]["p50_ms"] / i["w1"]["p50_ms"]
+    f, i = r.get("float32", {}), r.get("infinity", {})
+    for name, prefix, ceiling in (("auto", "", "ceiling"), ("openvino", "openvino_", "ceiling_openvino")):
+        a, c = r.get(name, {}), r.get(ceiling, {})
+        if "w1" in f and "w1" in a:
+            out[f"w1_{name}_over_float32_p50"] = a["w1"]["p50_ms"] / f["w1"]["p50_ms"]
+        if "w2" in f and "w2" in a:
+            out[f"w2_{name}_over_float32"] = a["w2"]["pairs_per_s"] / f["w2"]["pairs_per_s"]
+        if "w2" in i and "w2" in a:
+            out[f"w2_{name}_over_infinity"] = a["w2"]["pairs_per_s"] / i["w2"]["pairs_per_s"]
+        if "w3" in a and "w3" in c:
+            out[f"w3_{prefix}added_ms_p50"] = a["w3"]["p50_ms"] - c["w3"]["p50_ms"]
+        if "w1" in i and "w1" in a:
+            out[f"w1_{name}_over_infinity_p50"] = a["w1"]["p50_ms"] / i["w1"]["p50_ms"]
     return out
 
 
 def table(report: dict) -> str:
     r, q = report["results"], report["ratios"]
-    systems = [s for s in ("ceiling", "float32", "auto", "infinity") if r.get(s)]
+    systems = [s for s in ("ceiling", "float32", "auto", "ceiling_openvino", "openvino", "infinity") if r.get(s)]
     rows = [("workload", "metric", *systems)]
 
     def fig(value):
@@ -145,7 +156,7 @@ def table(report: dict) -> str:
     for key, value in q.items():
         op, target = TARGETS.get(key, ("", None))
         met = "" if target is None else ("met" if (value <= target if op == "<=" else value >= target) else "NOT met")
-        lines.append(f"{key:28} {value:8.3f}   {'' if target is None else f'target {op} {target:g}: {met}'}")
+        lines.append(f"{key:32} {value:8.3f}   {'' if target is None else f'target {op} {target:g}: {met}'}")
     dtypes = report.get("dtypes", {})
     for n, t in r.get("w1_threads", {}).items():
         lines.append(f"W1 in-process ({t['dtype']}), {n} torch thread(s): {t['wall_s']:.1f} s wall, {t['cpu_s']:.1f} s CPU")
@@ -167,12 +178,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--w2-clients", type=int, default=8)
     parser.add_argument("--w2-requests", type=int, default=2)
     parser.add_argument("--w3-requests", type=int, default=40)
+    parser.add_argument("--systems", default="float32,auto,openvino",
+                        help="services to measure (openvino only where it is installed): " + ", ".join(SYSTEMS))
     parser.add_argument("--infinity", help="infinity_emb executable (a venv of its own); unset: not measured")
     parser.add_argument("--infinity-args", default="--engine torch --dtype bfloat16")
     parser.add_argument("--extra", default="", help="more settings of both services, e.g. TORCH_THREADS=1")
     parser.add_argument("--out", help="JSON file (default bench/results/cpu-dtypes-<date>.json)")
     args = parser.parse_args(argv)
     only = set(args.only.split(","))
+    names = [n for n in args.systems.split(",") if n != "openvino" or _openvino_installed()]
     path = fidelity_model("base")
     from transformers import AutoTokenizer
 
@@ -183,21 +197,24 @@ def main(argv: list[str] | None = None) -> int:
     systems: list = []
     results: dict[str, dict] = {}
     dtypes = {}
-    ceiling = None
+    ceilings: list = []
     if "threads" in only:
         print("W1 in-process by torch threads …", flush=True)
         results["w1_threads"] = threads_w1(path, w, [1, 2], args.w1_reps)
     try:
-        for name, dtype in (("float32", "float32"), ("auto", "auto")) if only - {"threads"} else ():
-            service = Service(path, log_dir, "cpu", name=name, extra={"DTYPE": dtype, **extra})
+        for name in names if only - {"threads"} else ():
+            service = Service(path, log_dir, "cpu", name=name, extra={**SYSTEMS[name], **extra})
             systems.append(service)
             info = service.worker_info()
             dtypes[name] = {k: info.get(k) for k in ("dtype", "dtype_reason", "max_batch_tokens", "capacity")}
         if args.infinity:
             systems.append(Infinity(args.infinity, args.infinity_args, path, log_dir))
         if "w3" in only:
-            ceiling = Ceiling(path, "cpu", pretokenized=False)
-            ceiling.call("warm", ["up"])
+            for backend in ("torch", "openvino") if "openvino" in names else ("torch",):
+                ceiling = Ceiling(path, "cpu", pretokenized=False, cpu_backend=backend)
+                ceiling.name = "ceiling" if backend == "torch" else f"ceiling_{backend}"
+                ceiling.call("warm", ["up"])
+                ceilings.append(ceiling)
         for s in systems:
             results[s.name] = {}
         if "w1" in only:
@@ -217,10 +234,11 @@ def main(argv: list[str] | None = None) -> int:
                         results[s.name]["w2"] = summary
         if "w3" in only:
             print("W3 …", flush=True)
-            results["ceiling"] = {}
+            for ceiling in ceilings:
+                results[ceiling.name] = {}
             for _ in range(args.repeat):
-                for s in [ceiling, *systems]:
-                    timing = ceiling.clients([w.w3]) if s is ceiling else run_clients(s.call, [w.w3])
+                for s in [*ceilings, *systems]:
+                    timing = s.clients([w.w3]) if s in ceilings else run_clients(s.call, [w.w3])
                     summary = timing.summary()
                     if summary["p50_ms"] < results[s.name].get("w3", {}).get("p50_ms", float("inf")):
                         results[s.name]["w3"] = summary
@@ -230,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for s in systems:
             s.close()
-        if ceiling is not None:
+        for ceiling in ceilings:
             ceiling.close()
     shutil.rmtree(log_dir, ignore_errors=True)
     # Other work on the box slows every system alike but shows in absolute figures: say how busy it was.
@@ -249,6 +267,12 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"\nwritten to {out}")
     return 0
+
+
+def _openvino_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("openvino") is not None
 
 
 if __name__ == "__main__":

@@ -43,6 +43,10 @@ VARIANTS = {
     "bf16-caches64": ("bfloat16", {**_BOUND}, False),
     "bf16-buckets": ("bfloat16", {**_DEFAULT}, True),
     "bf16": ("bfloat16", {**_BOUND}, False),
+    # CPU_BACKEND=openvino: its CPU plugin's per-shape cache bounded as the engine does (64), and at
+    # OpenVINO's default (5 000).
+    "openvino": ("auto", {"CPU_BACKEND": "openvino"}, False),
+    "openvino-cache5000": ("auto", {"CPU_BACKEND": "openvino", "CPU_RUNTIME_CACHE_CAPACITY": "5000"}, False),
 }
 
 
@@ -58,11 +62,13 @@ def child(args) -> None:
     import torch
 
     from engine.backends import PaddedBatch
-    from engine.backends.torch_eager import TorchBackend
+    from engine.backends import load_backend
 
     torch.set_num_threads(args.threads)
     dtype, _, buckets = VARIANTS[args.variant]
-    backend = TorchBackend.load(SimpleNamespace(source=args.model, device="cpu", dtype=dtype, family=None))
+    backend = load_backend(SimpleNamespace(source=args.model, device="cpu", dtype=dtype, family=None,
+                                           cpu_backend=os.environ.get("CPU_BACKEND", "torch"),
+                                           torch_threads=args.threads, torch_compile=False))
     rng = random.Random(args.seed)
     shapes: set[tuple[int, int]] = set()
     ms: set[int] = set()

@@ -38,10 +38,10 @@ class Ceiling:
 
     name = "ceiling"
 
-    def __init__(self, path: Path, device: str, pretokenized: bool) -> None:
+    def __init__(self, path: Path, device: str, pretokenized: bool, cpu_backend: str = "torch") -> None:
         from engine import Engine, EngineConfig
 
-        self.engine = Engine.start(EngineConfig(source=str(path), device=device))
+        self.engine = Engine.start(EngineConfig(source=str(path), device=device, cpu_backend=cpu_backend))
         self.pretokenized = pretokenized
 
     def call(self, query: str, docs: list[str]) -> int:

@@ -45,6 +45,7 @@ class EngineConfig:
     sim_profile: str | None = None  # base, large or v2-m3; None: the one matching the model
     torch_threads: int | None = None
     torch_compile: bool = False  # CPU: torch.compile (inductor) at warm-up, eager if it fails (docs/cpu.md)
+    cpu_backend: str = "auto"  # CPU: auto, torch, or openvino for a cross-encoder's encoder (docs/cpu.md)
     log_level: str = "INFO"
     log_json: bool = False
 
@@ -56,6 +57,7 @@ class EngineConfig:
                    max_batch_tokens=settings.max_batch_tokens, cuda_graphs=settings.cuda_graphs,
                    graph_max_tokens=settings.cuda_graph_max_tokens, sim_profile=settings.sim_profile,
                    torch_threads=settings.torch_threads, torch_compile=settings.torch_compile,
+                   cpu_backend=settings.cpu_backend,
                    log_level=settings.log_level, log_json=settings.log_json)
 
 

@@ -88,9 +88,10 @@ def build_runtime(config, *, on_batch: Callable[[BatchStats], None] | None = Non
     capacity = measure_capacity(backend, budget, config.max_length)
     info.update(max_batch_tokens=budget, capacity=round(capacity, 1),
                 warm_up_seconds=round(time.perf_counter() - started, 2), memory_mib=_resident_mib())
-    log.info("engine ready: %s on %s (%s, %s: %s), %d tokens per batch, capacity %.0f tokens/s at full batches",
-             config.source, info["device"], info.get("backend"), info["dtype"], info.get("dtype_reason") or "as configured",
-             budget, capacity)
+    log.info("engine ready: %s on %s (%s%s, %s: %s), %d tokens per batch, capacity %.0f tokens/s at full batches",
+             config.source, info["device"], info.get("backend"),
+             f" [{info['backend_reason']}]" if info.get("backend_reason") else "", info["dtype"],
+             info.get("dtype_reason") or "as configured", budget, capacity)
     return Batcher(backend, max_batch_tokens=budget, on_batch=on_batch).start(), info
 
 

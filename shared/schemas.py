@@ -375,6 +375,8 @@ class ModelCard(BaseModel):
         default=None, description="Padded tokens a second the live workers score at full batches (the 429 bound "
                                   "is this times SYNC_TIMEOUT).")
     backends: list[str] = Field(default_factory=list, description="How the workers run the model.")
+    backend_reasons: list[str] = Field(default_factory=list,
+                                       description="On a CPU: why that backend (CPU_BACKEND, docs/cpu.md).")
     graph_memory_mib: float | None = Field(default=None, description="GPU memory one worker's CUDA graphs hold.")
     simulated: bool = Field(default=False, description="A worker runs on the simulated GPU (DEVICE=sim): its "
                                                        "scores are placeholders.")

@@ -176,6 +176,11 @@ class Settings(BaseSettings):
     torch_compile: bool = Field(
         default=False, description="On a CPU, run the model through torch.compile (inductor); eager if it fails."
     )
+    cpu_backend: Literal["auto", "torch", "openvino"] = Field(
+        default="auto", description="On a CPU: torch, or OpenVINO for an XLM-RoBERTa cross-encoder's encoder "
+                                    "(torch where it cannot run); auto: OpenVINO for bf16 on a CPU with AMX "
+                                    "where openvino is installed, torch elsewhere.",
+    )
     gpus: str = Field(
         default="auto", description="Launcher: GPUs to start workers on: auto, none, or ids like 0,1."
     )

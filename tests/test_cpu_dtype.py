@@ -51,7 +51,7 @@ def test_bf16_scores_stay_within_the_documented_bound(model_dir, engine, tokeniz
     rng = random.Random(11)
     lists = [(sentence(rng, 6), documents_of_length(tokenizer, [rng.randint(30, 400) for _ in range(20)], seed=k))
              for k in range(3)]
-    bf16 = Engine.start(EngineConfig(source=str(model_dir), device="cpu", dtype="bfloat16"))
+    bf16 = Engine.start(EngineConfig(source=str(model_dir), device="cpu", dtype="bfloat16", cpu_backend="torch"))
     try:
         assert bf16.info["dtype"] == "bfloat16" and engine.info["dtype"] == "float32"
         for query, docs in lists:
@@ -75,9 +75,10 @@ def test_the_engine_bounds_the_kernel_caches(monkeypatch):
 
 @pytest.mark.stack
 def test_the_stack_says_which_dtype_and_why(stack_env, model_dir, log_dir, api):
-    """A worker left at DTYPE=auto announces the machine's choice; the session's DTYPE=float32 one its own."""
+    """A worker left at DTYPE=auto announces the machine's choice; the session's DTYPE=float32 one its own.
+    (torch's bf16 path: CPU_BACKEND=auto on an AMX CPU is OpenVINO's, tests/test_openvino.py.)"""
     env = {k: v for k, v in stack_env.items() if k != "DTYPE"}
-    env.update(MODELS=f"auto-tiny={model_dir}")
+    env.update(MODELS=f"auto-tiny={model_dir}", CPU_BACKEND="torch")
     worker = start_worker("worker-auto-tiny", env, log_dir, "auto-tiny")
     proc, url = None, None
     try:

@@ -62,6 +62,7 @@ class WorkerContext:
             "dtype": str(info["dtype"]),
             "dtype_reason": info.get("dtype_reason"),  # why DTYPE=auto chose it (engine/backends/cpu_dtype.py)
             "backend": info.get("backend"),
+            "backend_reason": info.get("backend_reason"),  # on a CPU: why torch or OpenVINO (CPU_BACKEND)
             "simulated": bool(info.get("simulated", False)),
             "cuda_graphs": info.get("cuda_graphs", 0),
             "graph_memory_mib": info.get("graph_memory_mib"),

@@ -69,6 +69,7 @@ def _card(spec: ModelSpec) -> ModelCard:
         pairs_per_second=round(sum(w.get("pairs_per_second") or 0 for w in workers), 2) or None,
         capacity=round(sum(e.get("capacity") or 0 for e in engines), 1) or None,
         backends=sorted({w["backend"] for w in workers if w.get("backend")}),
+        backend_reasons=sorted({w["backend_reason"] for w in workers if w.get("backend_reason")}),
         graph_memory_mib=max((w.get("graph_memory_mib") or 0 for w in workers), default=0) or None,
         simulated=any(w.get("simulated") for w in workers),
     )

@@ -10,17 +10,21 @@ the device works on this one:
 
 and raises `OutOfMemory` (its own error type) when a batch does not fit, so the batcher can split
 it. Implementations: `torch_eager` (CPU and CUDA), `cuda_graphs` (captured graphs replayed for a
-fixed set of shapes, eager otherwise) and `sim` (a simulated H100 for CPU-only machines).
+fixed set of shapes, eager otherwise), `openvino_cpu` (a cross-encoder's encoder run by OpenVINO on
+a CPU, `CPU_BACKEND=openvino`) and `sim` (a simulated H100 for CPU-only machines).
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
 
 from engine.errors import OutOfMemory  # noqa: F401  (re-exported: backends raise it)
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -79,17 +83,57 @@ def forward(backend: Backend, batch: PaddedBatch) -> np.ndarray:
 
 
 def load_backend(config) -> Backend:
-    """The backend an EngineConfig asks for: `sim`, or torch on `auto`/`cpu`/`cuda[:N]`, with
-    CUDA graphs on CUDA unless `cuda_graphs` is off."""
+    """The backend an EngineConfig asks for: `sim`; on a CPU, OpenVINO where `cpu_backend` picks
+    it (`cpu_choice`) and it can run the model (torch otherwise, saying why); torch on
+    `auto`/`cpu`/`cuda[:N]`, with CUDA graphs on CUDA unless `cuda_graphs` is off."""
     if config.device == "sim":
         from engine.backends.sim import SimBackend
 
         return SimBackend.load(config)
-    from engine.backends.torch_eager import TorchBackend
+    from engine.backends.torch_eager import TorchBackend, resolve_device
 
+    if resolve_device(config.device).type == "cpu":
+        name, reason = cpu_choice(config)
+        if name == "openvino":
+            from engine.backends.openvino_cpu import OpenVinoBackend, Unsupported
+
+            try:
+                backend = OpenVinoBackend.load(config)
+                backend.backend_reason = reason
+                return backend
+            except Unsupported as exc:
+                reason = f"torch: {exc}"
+                (log.warning if config.cpu_backend == "openvino" else log.info)("CPU_BACKEND=%s: %s",
+                                                                                 config.cpu_backend, reason)
+        eager = TorchBackend.load(config)
+        eager.backend_reason = reason
+        return eager
     eager = TorchBackend.load(config)
     if eager.device.type == "cuda" and config.cuda_graphs:
         from engine.backends.cuda_graphs import CudaGraphBackend
 
         return CudaGraphBackend(eager, max_tokens=config.graph_max_tokens)
     return eager
+
+
+def cpu_choice(config) -> tuple[str, str]:
+    """`CPU_BACKEND` resolved: ("torch" | "openvino", why). `auto` takes OpenVINO where it was
+    measured to win (docs/cpu.md, "OpenVINO"): a CPU with AMX, running bf16 (`DTYPE` auto or
+    bfloat16; `DTYPE=float32`, the reference path, stays torch), with openvino installed. Whether
+    the model suits it (an XLM-RoBERTa cross-encoder) the backend itself checks."""
+    import importlib.util
+
+    import torch
+
+    from engine.backends.cpu_dtype import cpu_bf16_units, resolve_dtype
+
+    asked = getattr(config, "cpu_backend", "torch")
+    if asked != "auto":
+        return asked, f"CPU_BACKEND={asked}"
+    if resolve_dtype(config.dtype, torch.device("cpu")).dtype is not torch.bfloat16:
+        return "torch", "CPU_BACKEND=auto: torch runs float32 (the reference path)"
+    if "amx_bf16" not in cpu_bf16_units():
+        return "torch", "CPU_BACKEND=auto: torch, the CPU has no AMX (OpenVINO was measured only with AMX)"
+    if importlib.util.find_spec("openvino") is None:
+        return "torch", "CPU_BACKEND=auto: torch, openvino is not installed (requirements/worker.txt pins it)"
+    return "openvino", "CPU_BACKEND=auto: OpenVINO, bf16 on a CPU with AMX"

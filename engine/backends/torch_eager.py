@@ -46,6 +46,7 @@ class TorchBackend:
         self.pad_id = pad_id
         self.source = source
         self.dtype_reason = dtype_reason
+        self.backend_reason: str | None = None  # on a CPU, why torch runs (engine.backends.cpu_choice)
 
     @classmethod
     def load(cls, config) -> TorchBackend:
@@ -69,6 +70,8 @@ class TorchBackend:
                "backend": "torch compile (inductor)" if self.run_model is not self.model else "torch eager"}
         if self.compile:
             out["torch_compile"] = self.compiled
+        if self.backend_reason:
+            out["backend_reason"] = self.backend_reason
         return out
 
     def warm_up(self, max_batch_tokens: int) -> None:

@@ -1,6 +1,6 @@
 """CPU dtypes and backends side by side: the service with `DTYPE=float32` (the reference path),
-with the default `DTYPE=auto` (bf16 where the CPU has native bf16 matrix units) and with
-`CPU_BACKEND=openvino` (if openvino is installed), in one run, on the bge-reranker-base
+with torch's bf16 path (`CPU_BACKEND=torch`, bf16 where the CPU has native bf16 matrix units) and
+at the defaults (`auto`: on a CPU with AMX, OpenVINO bf16), in one run, on the bge-reranker-base
 architecture, with Infinity on the same model folder if it is installed.
 
     python -m bench.cpu                                   # W1, W2, W3 (about 15 minutes on 2 cores)
@@ -9,8 +9,7 @@ architecture, with Infinity on the same model folder if it is installed.
 W1: one call of 100 FastGPT-like documents (30-400 tokens), `--w1-reps` turns per system.
 W2: concurrent clients, 20 documents a call, pairs per second (best of `--repeat` turns).
 W3: one document a call, p50 (best of `--repeat` turns), against the in-process engine of the
-    default dtype, and of OpenVINO for the openvino service (the stack's overhead: W3's target is
-    in-process + 3 ms).
+    same backend and dtype (the stack's overhead: W3's target is in-process + 3 ms).
 Systems are loaded side by side and measured in turns (bench/run.py), so the drift of a shared
 VM falls on all of them alike. The model is a random-weight XLM-R with base's exact shape and a
 4k vocabulary (bench/cpu_fidelity.py builds it): the embedding table's size changes no arithmetic.
@@ -44,15 +43,18 @@ TARGETS = {
     "w1_auto_over_float32_p50": ("<=", 0.3),
     "w2_auto_over_float32": (">=", 3.0),
     "w2_auto_over_infinity": (">=", 1.5),
-    "w3_added_ms_p50": ("<=", 3.0),
-    "w1_openvino_over_float32_p50": ("<=", 0.3),
-    "w2_openvino_over_float32": (">=", 3.0),
-    "w2_openvino_over_infinity": (">=", 1.5),
-    "w3_openvino_added_ms_p50": ("<=", 3.0),
+    "w3_auto_added_ms_p50": ("<=", 3.0),
+    "w1_torch_bf16_over_float32_p50": ("<=", 0.3),
+    "w2_torch_bf16_over_float32": (">=", 3.0),
+    "w2_torch_bf16_over_infinity": (">=", 1.5),
+    "w3_torch_bf16_added_ms_p50": ("<=", 3.0),
 }
-#: The services measured: name -> settings.
-SYSTEMS = {"float32": {"DTYPE": "float32"}, "auto": {"DTYPE": "auto"},
-           "openvino": {"DTYPE": "auto", "CPU_BACKEND": "openvino"}}
+#: The services measured: name -> (settings, CPU_BACKEND of the in-process engine W3 compares with).
+#: `auto` is the defaults (on a CPU with AMX: OpenVINO bf16); `torch_bf16` torch's bf16 path.
+SYSTEMS = {"float32": ({"DTYPE": "float32"}, None),
+           "torch_bf16": ({"DTYPE": "auto", "CPU_BACKEND": "torch"}, "torch"),
+           "auto": ({}, "auto"),
+           "openvino": ({"CPU_BACKEND": "openvino"}, "openvino")}
 
 
 class Infinity:
@@ -120,8 +122,8 @@ def threads_w1(path: Path, w, threads: list[int], reps: int) -> dict[str, dict[s
 def ratios(r: dict) -> dict[str, float]:
     out = {}
     f, i = r.get("float32", {}), r.get("infinity", {})
-    for name, prefix, ceiling in (("auto", "", "ceiling"), ("openvino", "openvino_", "ceiling_openvino")):
-        a, c = r.get(name, {}), r.get(ceiling, {})
+    for name in ("auto", "torch_bf16", "openvino"):
+        a, c = r.get(name, {}), r.get(f"ceiling_{name}", {})
         if "w1" in f and "w1" in a:
             out[f"w1_{name}_over_float32_p50"] = a["w1"]["p50_ms"] / f["w1"]["p50_ms"]
         if "w2" in f and "w2" in a:
@@ -129,7 +131,7 @@ def ratios(r: dict) -> dict[str, float]:
         if "w2" in i and "w2" in a:
             out[f"w2_{name}_over_infinity"] = a["w2"]["pairs_per_s"] / i["w2"]["pairs_per_s"]
         if "w3" in a and "w3" in c:
-            out[f"w3_{prefix}added_ms_p50"] = a["w3"]["p50_ms"] - c["w3"]["p50_ms"]
+            out[f"w3_{name}_added_ms_p50"] = a["w3"]["p50_ms"] - c["w3"]["p50_ms"]
         if "w1" in i and "w1" in a:
             out[f"w1_{name}_over_infinity_p50"] = a["w1"]["p50_ms"] / i["w1"]["p50_ms"]
     return out
@@ -137,7 +139,8 @@ def ratios(r: dict) -> dict[str, float]:
 
 def table(report: dict) -> str:
     r, q = report["results"], report["ratios"]
-    systems = [s for s in ("ceiling", "float32", "auto", "ceiling_openvino", "openvino", "infinity") if r.get(s)]
+    order = ["float32", *(x for n in ("torch_bf16", "auto", "openvino") for x in (f"ceiling_{n}", n)), "infinity"]
+    systems = [s for s in order if r.get(s)]
     rows = [("workload", "metric", *systems)]
 
     def fig(value):
@@ -178,10 +181,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--w2-clients", type=int, default=8)
     parser.add_argument("--w2-requests", type=int, default=2)
     parser.add_argument("--w3-requests", type=int, default=40)
-    parser.add_argument("--systems", default="float32,auto,openvino",
+    parser.add_argument("--systems", default="float32,torch_bf16,auto",
                         help="services to measure (openvino only where it is installed): " + ", ".join(SYSTEMS))
     parser.add_argument("--infinity", help="infinity_emb executable (a venv of its own); unset: not measured")
     parser.add_argument("--infinity-args", default="--engine torch --dtype bfloat16")
+    parser.add_argument("--infinity-model", help="the folder Infinity loads (default: the service's); its "
+                                                 "--engine optimum needs the same model exported to ONNX")
     parser.add_argument("--extra", default="", help="more settings of both services, e.g. TORCH_THREADS=1")
     parser.add_argument("--out", help="JSON file (default bench/results/cpu-dtypes-<date>.json)")
     args = parser.parse_args(argv)
@@ -203,16 +208,18 @@ def main(argv: list[str] | None = None) -> int:
         results["w1_threads"] = threads_w1(path, w, [1, 2], args.w1_reps)
     try:
         for name in names if only - {"threads"} else ():
-            service = Service(path, log_dir, "cpu", name=name, extra={**SYSTEMS[name], **extra})
+            service = Service(path, log_dir, "cpu", name=name, extra={**SYSTEMS[name][0], **extra})
             systems.append(service)
             info = service.worker_info()
             dtypes[name] = {k: info.get(k) for k in ("dtype", "dtype_reason", "max_batch_tokens", "capacity")}
         if args.infinity:
-            systems.append(Infinity(args.infinity, args.infinity_args, path, log_dir))
+            systems.append(Infinity(args.infinity, args.infinity_args, Path(args.infinity_model or path), log_dir))
         if "w3" in only:
-            for backend in ("torch", "openvino") if "openvino" in names else ("torch",):
-                ceiling = Ceiling(path, "cpu", pretokenized=False, cpu_backend=backend)
-                ceiling.name = "ceiling" if backend == "torch" else f"ceiling_{backend}"
+            for name in names:
+                if SYSTEMS[name][1] is None:
+                    continue
+                ceiling = Ceiling(path, "cpu", pretokenized=False, cpu_backend=SYSTEMS[name][1])
+                ceiling.name = f"ceiling_{name}"
                 ceiling.call("warm", ["up"])
                 ceilings.append(ceiling)
         for s in systems:
@@ -258,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
                             "w2_requests_per_client": args.w2_requests, "w2_docs": 20,
                             "w3_requests": args.w3_requests, "repeat_best_of": args.repeat, "doc_tokens": [30, 400]},
               "extra_settings": extra, "dtypes": dtypes, "infinity_args": args.infinity_args if args.infinity else None,
+              "infinity_model": args.infinity_model,
               "results": results}
     report["ratios"] = ratios(results)
     report["table"] = table(report)

@@ -7,8 +7,12 @@ Random-weight models of the bge configs (rerank/random_model.py; a 4k vocabulary
 the embedding table's size changes no arithmetic) score FastGPT-like lists (bench.run's
 workload: queries of 8-32 tokens, documents of 30-400). The encoder (`model.roberta`) runs each
 list three ways: float32 (the reference), bf16 matrix multiplications with everything else
-float32 (what `DTYPE=auto` runs on a CPU with bf16 units: engine/backends/cpu_dtype.py), and the
-whole model cast to bf16; the whole-bf16 features also go through a float32 head. Random weights
+float32 (what torch runs for `DTYPE=auto` on a CPU with bf16 units: engine/backends/cpu_dtype.py),
+the whole model cast to bf16, and, where openvino is installed, OpenVINO's bf16 encoder
+(engine/backends/openvino_cpu.py, what `CPU_BACKEND=auto` runs on an AMX CPU; its features go
+through the float32 head, as in the backend); the whole-bf16 features also go through a float32
+head. `padding_drift` also reports how far a pair's logit moves with the batch it shares (alone
+against padded among the others). Random weights
 give logits packed near zero, so the same is repeated with the head scaled so that the reference
 logits of the load spread over [-8, 8], as a real checkpoint's do.
 
@@ -84,9 +88,13 @@ def features(model, encoded, budget: int):
     out = [None] * len(seqs)
     with torch.inference_mode():
         for idx in batches(encoded.lengths, budget):
-            batch = PaddedBatch.of([seqs[i].tolist() for i in idx], pad_id=int(model.config.pad_token_id))
-            hidden = model.roberta(input_ids=torch.from_numpy(batch.ids),
-                                   attention_mask=torch.from_numpy(batch.mask()))[0][:, :1]
+            batch = PaddedBatch.of([seqs[i].tolist() for i in idx], pad_id=int(model.pad_id if hasattr(model, "pad_id")
+                                                                              else model.config.pad_token_id))
+            if hasattr(model, "request"):  # OpenVINO's encoder (engine/backends/openvino_cpu.py)
+                hidden = torch.from_numpy(model.request.infer(model.prepare(batch))[0].copy())
+            else:
+                hidden = model.roberta(input_ids=torch.from_numpy(batch.ids),
+                                       attention_mask=torch.from_numpy(batch.mask()))[0][:, :1]
             for row, i in enumerate(idx):
                 out[i] = hidden[row : row + 1]
     return torch.cat(out)
@@ -171,6 +179,9 @@ def measure(arch: str, lists: int, docs: int, budget: int, seed: int) -> dict[st
 
     models = {"float32": load(torch.float32), "bf16_whole_model": load(torch.bfloat16),
               "bf16_matmuls": load(torch.float32, matmuls=True)}
+    openvino = openvino_backend(path)
+    if openvino is not None:
+        models["openvino_bf16"] = openvino
     feats: dict[str, list] = {}
     seconds: dict[str, float] = {}
     for name, model in models.items():
@@ -182,6 +193,8 @@ def measure(arch: str, lists: int, docs: int, budget: int, seed: int) -> dict[st
     variants = {"bf16_matmuls (auto)": ("bf16_matmuls", models["bf16_matmuls"].classifier),
                 "bf16_whole_model": ("bf16_whole_model", models["bf16_whole_model"].classifier),
                 "bf16_whole+f32_head": ("bf16_whole_model", ref_head)}
+    if openvino is not None:
+        variants["openvino_bf16"] = ("openvino_bf16", ref_head)  # the backend's head is the float32 one
     ref = [head_logits(ref_head, f) for f in feats["float32"]]
     a, mid = spread(np.concatenate(ref))
     big = [head_logits(scaled(ref_head, a, mid), f) for f in feats["float32"]]
@@ -192,6 +205,38 @@ def measure(arch: str, lists: int, docs: int, budget: int, seed: int) -> dict[st
         big_head = scaled(copy.deepcopy(head).float(), a, mid).to(next(head.parameters()).dtype) \
             if variant == "bf16_whole_model" else scaled(head, a, mid)
         out["spread_head"][variant] = compare(big, [head_logits(big_head, f) for f in feats[source]])
+    out["padding_drift"] = padding_drift({k: v for k, v in models.items() if k != "bf16_whole_model"}, encoded[0],
+                                         budget)
+    return out
+
+
+def openvino_backend(path: Path):
+    """OpenVINO's bf16 encoder as the engine loads it, or None where openvino is not installed."""
+    import importlib.util
+    from types import SimpleNamespace
+
+    if importlib.util.find_spec("openvino") is None:
+        return None
+    from engine.backends.openvino_cpu import OpenVinoBackend
+
+    return OpenVinoBackend.load(SimpleNamespace(source=str(path), device="cpu", dtype="bfloat16", family=None,
+                                                torch_threads=None))
+
+
+def padding_drift(models: dict, encoded, budget: int) -> dict[str, float]:
+    """Largest logit change of a pair scored alone against the same pair padded in its batch (every
+    third pair of one list): how much a score moves with the traffic it shares a batch with."""
+    import torch
+
+    ends = np.cumsum(encoded.lengths)
+    seqs = [encoded.ids[e - n : e] for e, n in zip(ends, encoded.lengths)]
+    out = {}
+    for name, model in models.items():
+        head = model.head if hasattr(model, "head") else model.classifier
+        in_batch = head_logits(head, features(model, encoded, budget))
+        alone = [head_logits(head, features(model, type(encoded).from_sequences([seqs[i].tolist()]), budget))[0]
+                 for i in range(0, len(seqs), 3)]
+        out[name] = float(np.max(np.abs(np.asarray(alone) - in_batch[::3])))
     return out
 
 
@@ -210,6 +255,10 @@ def speed(arch: str, rows: int = 4, width: int = 256, reps: int = 3) -> dict[str
     bf16_matmuls(models["bf16_matmuls"])
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    openvino = openvino_backend(path)  # at one thread, like the others
+    if openvino is not None:
+        models["openvino_bf16"] = lambda input_ids, attention_mask: openvino.finish(openvino.launch(
+            {"input_ids": input_ids.numpy(), "attention_mask": attention_mask.numpy()}))
     ids = torch.randint(5, 4000, (rows, width))
     mask = torch.ones_like(ids)
     times: dict[str, list[float]] = {name: [] for name in models}
@@ -219,17 +268,17 @@ def speed(arch: str, rows: int = 4, width: int = 256, reps: int = 3) -> dict[str
                 model(input_ids=ids, attention_mask=mask)
             for _ in range(reps):
                 for name, model in models.items():
-                    started = time.thread_time()
+                    started = time.process_time()  # OpenVINO computes on threads of its own
                     model(input_ids=ids, attention_mask=mask)
-                    times[name].append(time.thread_time() - started)
+                    times[name].append(time.process_time() - started)
     finally:
         torch.set_num_threads(threads)
     return {name: min(t) for name, t in times.items()}
 
 
-def budgets(arch: str, widths=(128, 256), sizes=(1024, 2048, 4096, 8192), reps: int = 3) -> dict[str, float]:
-    """Tokens per CPU-second of the default bf16 path at one thread, by batch budget (rows x width):
-    what MAX_BATCH_TOKENS on a CPU rests on."""
+def budgets(arch: str, widths=(128, 256), sizes=(1024, 2048, 4096, 8192), reps: int = 3) -> dict[str, dict]:
+    """Tokens per CPU-second of the bf16 paths at one thread (torch's bf16 matmuls, and OpenVINO's
+    where installed), by batch budget (rows x width): what MAX_BATCH_TOKENS on a CPU rests on."""
     import torch
     from transformers import AutoModelForSequenceClassification
 
@@ -239,22 +288,28 @@ def budgets(arch: str, widths=(128, 256), sizes=(1024, 2048, 4096, 8192), reps: 
     bf16_matmuls(model)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    out = {}
+    runs = {"torch_bf16_matmuls": lambda ids, mask: model(input_ids=ids, attention_mask=mask)}
+    openvino = openvino_backend(fidelity_model(arch))  # at one thread, like torch
+    if openvino is not None:
+        runs["openvino_bf16"] = lambda ids, mask: openvino.finish(openvino.launch(
+            {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}))
+    out: dict[str, dict] = {name: {} for name in runs}
     try:
         with torch.inference_mode():
             for width in widths:
                 for budget in sizes:
                     ids = torch.randint(5, 4000, (budget // width, width))
                     mask = torch.ones_like(ids)
-                    model(input_ids=ids, attention_mask=mask)
-                    took = []
-                    for _ in range(reps):
-                        started = time.thread_time()
-                        model(input_ids=ids, attention_mask=mask)
-                        took.append(time.thread_time() - started)
-                    out[f"{width}x{budget}"] = ids.numel() / min(took)
-                    print(f"  width {width}, budget {budget}: {out[f'{width}x{budget}']:.0f} tokens per CPU-second",
-                          flush=True)
+                    for name, run in runs.items():
+                        run(ids, mask)
+                        took = []
+                        for _ in range(reps):
+                            started = time.process_time()  # OpenVINO computes on threads of its own
+                            run(ids, mask)
+                            took.append(time.process_time() - started)
+                        out[name][f"{width}x{budget}"] = ids.numel() / min(took)
+                        print(f"  {name}, width {width}, budget {budget}: {out[name][f'{width}x{budget}']:.0f} "
+                              "tokens per CPU-second", flush=True)
     finally:
         torch.set_num_threads(threads)
     return out
@@ -299,6 +354,10 @@ def main(argv: list[str] | None = None) -> None:
         if args.budgets:
             results[arch]["bf16_tokens_per_cpu_second_by_budget"] = budgets(arch)
     text = table({a: r for a, r in results.items() if "random_head" in r})
+    for arch, r in results.items():
+        if "padding_drift" in r:
+            text += f"\n{arch}: largest logit change alone vs padded in its batch: " + ", ".join(
+                f"{name} {d:.4f}" for name, d in r["padding_drift"].items())
     for arch, r in results.items():
         if "cpu_seconds_per_pass" in r:
             base = r["cpu_seconds_per_pass"]["float32"]

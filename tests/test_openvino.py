@@ -41,6 +41,7 @@ def test_auto_takes_openvino_exactly_for_bf16_on_an_amx_cpu():
     assert choice(dtype="float32")[0] == "torch" and "reference" in choice(dtype="float32")[1]
     assert choice(dtype="float32", cpu_backend="openvino") == ("openvino", "CPU_BACKEND=openvino")
     assert choice(dtype="auto", cpu_backend="torch") == ("torch", "CPU_BACKEND=torch")
+    assert choice(dtype="auto", torch_compile=True)[0] == "torch"  # TORCH_COMPILE is torch's
 
 
 def sigmoid(x):

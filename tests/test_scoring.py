@@ -92,7 +92,7 @@ def test_buckets_cover_small_shapes_and_leave_big_ones_eager():
 
 
 def test_cpu_workers_use_the_eager_backend(model_dir):
-    backend = load_backend(EngineConfig(source=str(model_dir), device="cpu", cuda_graphs=True))
+    backend = load_backend(EngineConfig(source=str(model_dir), device="cpu", cuda_graphs=True, cpu_backend="torch"))
     assert backend.describe()["backend"] == "torch eager"
 
 

@@ -119,7 +119,8 @@ def load_backend(config) -> Backend:
 def cpu_choice(config) -> tuple[str, str]:
     """`CPU_BACKEND` resolved: ("torch" | "openvino", why). `auto` takes OpenVINO where it was
     measured to win (docs/cpu.md, "OpenVINO"): a CPU with AMX, running bf16 (`DTYPE` auto or
-    bfloat16; `DTYPE=float32`, the reference path, stays torch), with openvino installed. Whether
+    bfloat16; `DTYPE=float32`, the reference path, stays torch), with openvino installed, and
+    no `TORCH_COMPILE` (a torch feature). Whether
     the model suits it (an XLM-RoBERTa cross-encoder) the backend itself checks."""
     import importlib.util
 
@@ -132,6 +133,8 @@ def cpu_choice(config) -> tuple[str, str]:
         return asked, f"CPU_BACKEND={asked}"
     if resolve_dtype(config.dtype, torch.device("cpu")).dtype is not torch.bfloat16:
         return "torch", "CPU_BACKEND=auto: torch runs float32 (the reference path)"
+    if getattr(config, "torch_compile", False):
+        return "torch", "CPU_BACKEND=auto: torch, TORCH_COMPILE asks for torch.compile"
     if "amx_bf16" not in cpu_bf16_units():
         return "torch", "CPU_BACKEND=auto: torch, the CPU has no AMX (OpenVINO was measured only with AMX)"
     if importlib.util.find_spec("openvino") is None:

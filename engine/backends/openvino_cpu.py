@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from engine.backends import PaddedBatch
+from engine.backends import OutOfMemory, PaddedBatch
 from engine.backends.cpu_dtype import cpu_bf16_units, resolve_dtype
 
 log = logging.getLogger(__name__)
@@ -153,6 +153,11 @@ class OpenVinoBackend:
 
     @torch.inference_mode()
     def finish(self, handle: dict[str, np.ndarray]) -> np.ndarray:
-        self.request.wait()
+        try:
+            self.request.wait()
+        except RuntimeError as exc:  # an allocation that failed: the batcher splits the batch
+            if "bad_alloc" in str(exc) or "allocate" in str(exc):
+                raise OutOfMemory(str(exc)) from None
+            raise
         first = torch.from_numpy(np.array(self.request.get_output_tensor(0).data, dtype=np.float32))
         return self.head(first).view(-1).float().numpy()

@@ -30,7 +30,9 @@ def naive_scores(encoder: Encoder, backend: Backend, query: str, documents: Sequ
 
 
 def load(source: str, device: str) -> tuple[Encoder, Backend]:
-    config = EngineConfig(source=source, device=device, cuda_graphs=False, sim_profile=os.environ.get("SIM_PROFILE"))
+    # torch, as FlagReranker runs: never the OpenVINO backend CPU_BACKEND=auto takes on an AMX CPU.
+    config = EngineConfig(source=source, device=device, cuda_graphs=False, cpu_backend="torch",
+                          sim_profile=os.environ.get("SIM_PROFILE"))
     return Encoder.load(source), load_backend(config)
 
 

@@ -118,17 +118,17 @@ def load_backend(config) -> Backend:
 
 def cpu_choice(config) -> tuple[str, str]:
     """`CPU_BACKEND` resolved: ("torch" | "openvino", why). `auto` takes OpenVINO where it was
-    measured to win (docs/cpu.md, "OpenVINO"): a CPU with AMX, running bf16 (`DTYPE` auto or
+    measured to win (docs/cpu.md, "The backend"): a CPU with AMX, running bf16 (`DTYPE` auto or
     bfloat16; `DTYPE=float32`, the reference path, stays torch), with openvino installed, and
-    no `TORCH_COMPILE` (a torch feature). Whether
-    the model suits it (an XLM-RoBERTa cross-encoder) the backend itself checks."""
+    no `TORCH_COMPILE` (a torch feature). Whether the model suits it (an XLM-RoBERTa
+    cross-encoder) the backend itself checks."""
     import importlib.util
 
     import torch
 
     from engine.backends.cpu_dtype import cpu_bf16_units, resolve_dtype
 
-    asked = getattr(config, "cpu_backend", "torch")
+    asked = config.cpu_backend
     if asked != "auto":
         return asked, f"CPU_BACKEND={asked}"
     if resolve_dtype(config.dtype, torch.device("cpu")).dtype is not torch.bfloat16:

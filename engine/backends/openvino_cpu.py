@@ -1,11 +1,11 @@
-"""A cross-encoder's encoder run by OpenVINO on a CPU (`CPU_BACKEND=openvino`), its head by torch.
+"""A cross-encoder's encoder run by OpenVINO on a CPU (`CPU_BACKEND`), its head by torch.
 
 Why: on a CPU with AMX, OpenVINO's CPU plugin runs the whole encoder in bf16 tiles (attention
-included, fused), where torch runs bf16 only inside each linear layer: on the base architecture
-it took a FastGPT-like load in 0.72 x the CPU time of torch's bf16 matmuls and 0.23 x float32's,
-with the same error against float32 (docs/cpu.md, "OpenVINO"). Why not the default: its scores
-depend a little more on what shares a batch (a row's logit moves by up to 0.004 with the padding
-around it, against 0.002 for torch's bf16 matmuls), and it is one more wheel (about 60 MB).
+included, fused), where torch runs bf16 only inside each linear layer. On the base architecture
+the service answered a 100-document call in 0.25 x float32's time (torch's bf16 path: 0.41 x)
+and did 1.6 x torch's bf16 pairs a second under load, at the same error against float32 and no
+more dependence on what shares a batch (docs/cpu.md, "The backend: OpenVINO on a CPU with AMX").
+`CPU_BACKEND=auto` therefore takes it for bf16 on an AMX CPU (engine.backends.cpu_choice).
 
 What runs where: the family loads the float32 module as for torch (engine/families/); the encoder
 (`model.base_model`) is converted to an OpenVINO model once at start-up (`openvino.convert_model`,
@@ -81,11 +81,10 @@ class OpenVinoBackend:
 
     @classmethod
     def load(cls, config) -> OpenVinoBackend:
-        """Raises `Unsupported` (openvino missing, not a first-token cross-encoder, not a CPU)."""
+        """Raises `Unsupported` (openvino missing, not a first-token cross-encoder). The caller
+        (engine.backends.load_backend) has made sure the device is a CPU."""
         from engine.families import family_of
 
-        if config.device not in ("auto", "cpu"):
-            raise Unsupported(f"CPU_BACKEND=openvino runs on a CPU, not DEVICE={config.device}")
         family = family_of(config.source, getattr(config, "family", None))
         if family.NAME != "cross-encoder":
             raise Unsupported(f"the openvino backend serves cross-encoders, not the {family.NAME} family")
@@ -119,7 +118,7 @@ class OpenVinoBackend:
             "CPU_RUNTIME_CACHE_CAPACITY": int(os.environ.get("CPU_RUNTIME_CACHE_CAPACITY", RUNTIME_CACHE)),
         })
         converted_s = time.perf_counter() - started
-        del converted, encoder
+        del converted  # the compiled model holds what it needs
         log.info("openvino %s: encoder converted and compiled in %.1f s (%s threads), head in torch float32",
                  openvino.__version__, converted_s, threads)
         head.float()

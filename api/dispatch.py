@@ -1,9 +1,14 @@
 """Sending a synchronous call to the workers and waiting for its answer.
 
-The call is a Celery task (JSON) on the model's realtime queue, with an expiry at its deadline so
-a worker never scores what nobody waits for. The answer comes back on a per-call Redis list that
-this thread waits on with BLPOP: Celery's Redis result backend shares one pub/sub connection per
-process, which is not safe under gunicorn's threads (celery/celery#3761, #6335).
+The call goes on the direct path (REALTIME_PATH=direct, the default): its ScoreTask as JSON,
+LPUSHed onto the model's realtime list by the admission script itself (one round trip admits and
+queues it), which the workers' realtime threads take from (worker/realtime_consumer.py), as long
+as every live worker of the model says it does; otherwise
+(REALTIME_PATH=celery, or a worker of an older release) it is a Celery task on the model's realtime
+queue. Either way the task carries its deadline, so a worker never scores what nobody waits for,
+and the answer comes back on a per-call Redis list that this thread waits on with BLPOP: Celery's
+Redis result backend shares one pub/sub connection per process, which is not safe under
+gunicorn's threads (celery/celery#3761, #6335).
 """
 
 from __future__ import annotations
@@ -76,12 +81,19 @@ class Dispatcher:
         now = time.time()
         deadline = now + self.settings.sync_timeout
         call_id = f"{request_id}.{uuid.uuid4().hex[:12]}"  # the worker's log lines carry the request id
+        task = ScoreTask(call_id=call_id, request_id=request_id, query=query, documents=documents,
+                         deadline=deadline, options=options)
+        # The direct path only while every live worker takes it (one of an older release would not).
+        direct = self.settings.realtime_path == "direct" and all(w.get("realtime_direct") for w in workers)
         with tracing.span("rerank.admission", {"rerank.model": model.name}) as span:
             limit = pending_limit(self.settings.max_pending_tokens, workers, self.settings.sync_timeout)
             cost = estimate_cost(query, documents, options, max_length=served_length(workers, model.max_length),
                                  chars_per_token=chars_per_token(workers), max_chunks=self.settings.max_chunks,
                                  pair_layout=workers_layout(workers))
-            verdict = self.pending.admit(model.name, call_id, cost, deadline, now, limit)
+            if direct:
+                verdict = self._admit_and_push(model, task, cost, now, limit)
+            else:
+                verdict = self.pending.admit(model.name, call_id, cost, deadline, now, limit)
             span.set_attributes({"rerank.cost": cost, "rerank.pending": verdict.pending, "rerank.limit": limit,
                                  "rerank.admitted": verdict.admitted})
         master = redis_client.master_address(self.redis)  # Sentinel: where the call was recorded
@@ -92,10 +104,11 @@ class Dispatcher:
                 f"what its workers score within SYNC_TIMEOUT); retry later",
                 headers={"Retry-After": str(retry_after(verdict.pending, workers))},
             )
-        task = ScoreTask(call_id=call_id, request_id=request_id, query=query, documents=documents,
-                         deadline=deadline, options=options)
         try:
-            return self._send_and_wait(model, task, master)  # the worker released the call with its answer
+            if not direct:
+                self._publish(model, task)
+            with tracing.span("rerank.wait"):
+                return self._wait(model, task, master)  # the worker released the call with its answer
         except BaseException:
             try:
                 self.pending.release(model.name, call_id)
@@ -103,7 +116,21 @@ class Dispatcher:
                 pass  # the entry expires at its deadline anyway
             raise
 
-    def _send_and_wait(self, model: ModelSpec, task: ScoreTask, master: tuple[str, int] | None = None) -> Scored:
+    def _admit_and_push(self, model: ModelSpec, task: ScoreTask, cost: int, now: float, limit: float):
+        """The direct path: admitted and on the workers' list in one script, one round trip
+        (shared/pending.py). The list's expiry, renewed by every call, removes it only once no call
+        has come for twice SYNC_TIMEOUT (all it held is then past its deadline): a model nobody
+        serves any more leaves nothing behind."""
+        key = names.realtime_list(model.name)
+        with tracing.publish(names.RERANK_TASK, task.call_id, key, direct=True) as headers:
+            if headers:
+                task.traceparent = headers.get("traceparent")
+            message = task.model_dump_json(exclude_defaults=True)
+            return self.pending.admit(model.name, task.call_id, cost, task.deadline, now, limit,
+                                      push=(key, message, int(2 * self.settings.sync_timeout) + 1))
+
+    def _publish(self, model: ModelSpec, task: ScoreTask) -> None:
+        """A Celery task on the model's realtime queue."""
         deadline = task.deadline
         queue = names.realtime_queue(model.name)
         with tracing.publish(names.RERANK_TASK, task.call_id, queue) as headers:
@@ -122,8 +149,6 @@ class Dispatcher:
                 # the Queue object, before its cache is even asked) took 16 % of the API's CPU in W2.
                 declare=[],
             )
-        with tracing.span("rerank.wait"):
-            return self._wait(model, task, master)
 
     def _wait(self, model: ModelSpec, task: ScoreTask, master: tuple[str, int] | None) -> Scored:
         deadline = task.deadline

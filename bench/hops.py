@@ -6,11 +6,12 @@
 Starts the service as the launcher lays it out (Redis, one engine process, one feeder, the API
 under gunicorn), then times, in turns and in the same run, the whole call and each hop it is made
 of, each from the outside with the service's own parts: an HTTP round trip that does nothing
-(`/health`), the admission script, Celery's publish, tokenizing, the feeder's round trip to the
-engine (a real connection to the service's engine socket, the forward pass included), the
-forward pass alone (the same engine code in this process), and the answer's pipelined push. What
-is left of the whole call is Celery's delivery (BRPOP's wake-up, kombu recording the message as
-unacknowledged, the thread hand-off) and the handlers' own Python. Prints a table of p50s and
+(`/health`), the admission script that also queues the call (the direct path), the feeder's
+BLMOVE, tokenizing, the feeder's round trip to the engine (a real connection to the service's
+engine socket, the forward pass included), the forward pass alone (the same engine code in this
+process), and the answer's pipeline. What is left of the whole call is the wake-ups of the
+processes and threads on the way and the handlers' own Python. A Celery publish (how
+REALTIME_PATH=celery sends a call) is timed too, for comparison. Prints a table of p50s and
 writes it as JSON under bench/results/ (docs/performance.md keeps the current one).
 """
 
@@ -63,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     from shared import names
     from shared.celery_config import make_celery
     from shared.pending import PendingWork
+    from shared.schemas import ScoreTask
     from shared.settings import Settings
 
     path = model_dir("base", weights=args.device != "sim")
@@ -82,19 +84,28 @@ def main(argv: list[str] | None = None) -> int:
         encoded = local.encoder.encode(query, [document])
         scratch = f"bench.hops.{uuid.uuid4().hex[:6]}"
 
-        def admission() -> None:
+        message = ScoreTask(call_id="x", request_id="x", query=query, documents=[document],
+                            deadline=time.time() + 30).model_dump_json(exclude_defaults=True)
+        calls: list[str] = []
+
+        def admission() -> None:  # the direct path: admitted and on the list in one script
             call = uuid.uuid4().hex
-            pending.admit("bench-hops", call, 100, time.time() + 30, time.time(), 1e12)
-            pending.release("bench-hops", call)  # the worker's release rides on its answer's pipeline
+            pending.admit("bench-hops", call, 100, time.time() + 30, time.time(), 1e12, push=(scratch, message, 60))
+            calls.append(call)
 
-        def publish() -> None:
+        def take() -> None:  # what a feeder's realtime thread does: one BLMOVE onto its held list
+            client.blmove(scratch, scratch + ".held", 1, "RIGHT", "LEFT")
+
+        def publish() -> None:  # REALTIME_PATH=celery instead
             celery.send_task(names.RERANK_TASK, args=[{"call_id": "x", "query": query, "documents": [document]}],
-                             queue=scratch, declare=[])
+                             queue=scratch + ".celery", declare=[])
 
-        def reply() -> None:
+        def reply() -> None:  # the answer, the release and the call off the held list; the API's BLPOP
             pipe = client.pipeline(transaction=False)
             pipe.rpush("bench.hops.reply", '{"logits":[0.5],"input_tokens":80}')
             pipe.expire("bench.hops.reply", 60)
+            pending.release("bench-hops", calls.pop() if calls else "none", pipe)
+            pipe.lrem(scratch + ".held", 1, message)
             pipe.execute()
             client.blpop(["bench.hops.reply"], timeout=1)
 
@@ -103,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
             "http": lambda: session.get(url + "/health", timeout=30).raise_for_status(),
             "redis_round_trip": client.ping,
             "admission": admission,
+            "take": take,
             "publish": publish,
             "tokenize": lambda: local.encoder.encode(query, [document]),
             "engine_round_trip": lambda: feeder.submit(encoded, priority=REALTIME).wait(30),
@@ -115,28 +127,29 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(args.turns):
             for name, fn in hops.items():
                 best[name] = min(best.get(name, float("inf")), p50(timed(fn, args.calls)))
-        client.delete(scratch)
+        client.delete(scratch, scratch + ".held", scratch + ".celery")
         feeder.stop()
     finally:
         local.stop()
         service.close()
         shutil.rmtree(log_dir, ignore_errors=True)
 
-    named = ["http", "admission", "publish", "tokenize", "engine_round_trip", "reply_and_blpop"]
+    named = ["http", "admission", "take", "tokenize", "engine_round_trip", "reply_and_blpop"]
     rest = best["call"] - sum(best[k] for k in named)
     rows = [
-        ("the whole 1-document call (POST /v1/rerank)", best["call"]),
+        ("the whole 1-document call (POST /v1/rerank, the direct path)", best["call"]),
         ("  HTTP round trip and the client (GET /health)", best["http"]),
-        ("  admission (one Lua script; its release rides on the answer)", best["admission"]),
-        ("  Celery publish (one LPUSH)", best["publish"]),
+        ("  admission and queueing (one Lua script: admit, LPUSH)", best["admission"]),
+        ("  the feeder takes it (one BLMOVE onto its held list)", best["take"]),
         ("  tokenizing (in the feeder)", best["tokenize"]),
         ("  feeder -> engine -> feeder, forward included", best["engine_round_trip"]),
         ("    of which the forward pass", best["forward"]),
         ("    of which the socket and the batcher", best["engine_round_trip"] - best["forward"]),
-        ("  the answer: pipelined RPUSH + EXPIRE, the API's BLPOP", best["reply_and_blpop"]),
-        ("  the rest: Celery's delivery to the task, the handlers' Python", rest),
+        ("  the answer: one pipeline (RPUSH, EXPIRE, release, LREM), BLPOP", best["reply_and_blpop"]),
+        ("  the rest: wake-ups, the handlers' Python", rest),
         ("over the forward pass", best["call"] - best["forward"]),
         ("(one Redis round trip, for scale)", best["redis_round_trip"]),
+        ("(a Celery publish, as REALTIME_PATH=celery sends a call)", best["publish"]),
     ]
     width = max(len(r[0]) for r in rows)
     lines = [f"{name.ljust(width)}  {value:6.2f} ms" for name, value in rows]

@@ -73,6 +73,14 @@ def ratios(r: dict) -> dict[str, float]:
         out["w2_n2_over_n1"] = n2["w2"]["pairs_per_s"] / s["w2"]["pairs_per_s"]
     if "w3" in n2 and "w3" in s:
         out["w3_n2_minus_n1_ms"] = n2["w3"]["p50_ms"] - s["w3"]["p50_ms"]
+    celery = r.get("service_celery", {})
+    if "w2" in celery and "w2" in s:
+        out["w2_direct_over_celery"] = s["w2"]["pairs_per_s"] / celery["w2"]["pairs_per_s"]
+        path = celery["w2"].get("cpu", {}).get("path_us_per_pair")
+        if path and "path_us_per_pair" in cpu:
+            out["w2_path_cpu_direct_over_celery"] = cpu["path_us_per_pair"] / path
+    if "w3" in celery and "w3" in s:
+        out["w3_direct_minus_celery_ms"] = s["w3"]["p50_ms"] - celery["w3"]["p50_ms"]
     if "engine_outside_forward_us_per_pair" in cpu:
         out["engine_cpu_us_per_pair_outside_forward"] = cpu["engine_outside_forward_us_per_pair"]
     return out
@@ -83,7 +91,7 @@ def table(report: dict) -> str:
     gpu = report["device"] != "cpu"
     targets = {**TARGETS_GPU, **TARGETS_FEEDERS} if gpu else TARGETS_CPU
     systems = ["ceiling", "naive", "before", "service"] if gpu else ["ceiling", "naive", "service"]
-    systems += sorted(name for name in r if name.startswith("service_n"))
+    systems += sorted(name for name in r if name.startswith("service_"))
     rows = [("workload", "metric", *systems, "ratio", "target", "met")]
 
     def fig(system: str, wl: str, key: str) -> str:
@@ -120,6 +128,9 @@ def table(report: dict) -> str:
     add("cpu", "W2 API+feeders+Redis µs/pair", "", "w2_path_cpu_us_per_pair")
     add("w2", "  (N=2 feeders / N=1)", "", "w2_n2_over_n1")
     add("w3", "  (N=2 feeders − N=1, ms)", "", "w3_n2_minus_n1_ms")
+    add("w2", "  (direct path / Celery path)", "", "w2_direct_over_celery")
+    add("cpu", "  (direct path / Celery path)", "", "w2_path_cpu_direct_over_celery")
+    add("w3", "  (direct path − Celery path, ms)", "", "w3_direct_minus_celery_ms")
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
     lines = [" | ".join(str(v).ljust(wd) for v, wd in zip(row, widths)) for row in rows]
     lines.insert(1, "-+-".join("-" * wd for wd in widths))
@@ -150,12 +161,12 @@ def table(report: dict) -> str:
                 f"({prof['pairs_per_model_second'] / ceil4:.2f} x the ceiling's {ceil4:.1f}); "
                 f"{100 * prof['real_over_padded_tokens']:.0f} % of its computed tokens were real.")
     for wl in ("w2", "w4"):
-        for name in ("before", "service", *sorted(n for n in r if n.startswith("service_n"))):
+        for name in ("before", "service", *sorted(n for n in r if n.startswith("service_"))):
             cpu = r.get(name, {}).get(wl, {}).get("cpu")
             if cpu:
                 parts = ", ".join(f"{k.removesuffix('_us_per_pair').replace('_', ' ')} {v:.0f}" for k, v in cpu.items())
                 lines.append(f"CPU µs per pair, {wl.upper()} ({name}): {parts}")
-    for name in ("service", *sorted(n for n in r if n.startswith("service_n"))):
+    for name in ("service", *sorted(n for n in r if n.startswith("service_"))):
         eng = r.get(name, {}).get("engine")
         if eng:
             lines.append(f"Engine ({name}): one process, {eng['feeders']} feeder(s), "

@@ -53,6 +53,9 @@ def measure(path: Path, w: Workloads, only: set[str], log_dir: Path, args) -> di
     counts = [int(n) for n in str(args.feeders).split(",")]
     service = Service(path, log_dir, args.device, feeders=counts[0] or None)
     more = [Service(path, log_dir, args.device, name=f"service_n{n}", feeders=n) for n in counts[1:]]
+    if args.celery_path:  # the same layout, synchronous calls sent as Celery tasks (REALTIME_PATH=celery)
+        more.append(Service(path, log_dir, args.device, name="service_celery", feeders=counts[0] or None,
+                            extra={"REALTIME_PATH": "celery"}))
     for extra in more:
         out[extra.name] = {}
     before = (Service(path, log_dir, args.device, name="before", extra={"ENGINE_PROCESS": "false",
@@ -108,6 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--feeders", default="1",
                         help="workers feeding the service's one engine; a list (1,2) adds a column per further "
                              "count (service_n2 …); 0: one worker with an engine of its own")
+    parser.add_argument("--celery-path", action="store_true",
+                        help="also measure the service with synchronous calls sent as Celery tasks "
+                             "(REALTIME_PATH=celery), side by side with the direct path")
     parser.add_argument("--w1-reps", type=int, default=5)
     parser.add_argument("--repeat", type=int, default=3, help="W2 and W3 turns per system; the best counts")
     parser.add_argument("--w2-clients", type=int)

@@ -56,13 +56,14 @@ class ClusterCollector:
                 workers.add_metric([model], len(alive))
                 feed = names.feed_keys(model)
                 pipe = self._redis.pipeline()
-                pipe.llen(names.realtime_queue(model))
+                pipe.llen(names.realtime_list(model))  # the direct path's calls
+                pipe.llen(names.realtime_queue(model))  # Celery's (REALTIME_PATH=celery)
                 pipe.llen(names.bulk_queue(model))
                 pipe.get(names.pending_keys(model).total)
                 pipe.zcard(feed.inflight)
                 pipe.zrange(feed.owners, 0, -1)
-                realtime, bulk, total, pieces, owners = pipe.execute()
-                depth.add_metric([model, "realtime"], realtime)
+                direct, realtime, bulk, total, pieces, owners = pipe.execute()
+                depth.add_metric([model, "realtime"], direct + realtime)
                 depth.add_metric([model, "bulk"], bulk)
                 pending.add_metric([model], int(total or 0))
                 if self._limit is not None:

@@ -25,6 +25,24 @@ def bulk_queue(model: str) -> str:
     return f"{PREFIX}.{model}.bulk"
 
 
+def realtime_list(model: str) -> str:
+    """List of a model's synchronous calls on the direct path (api/dispatch.py LPUSHes a ScoreTask
+    as JSON, worker/realtime_consumer.py's threads BLMOVE it from the other end): no Celery
+    envelope, no kombu delivery record, two Redis round trips a call instead of five."""
+    return f"{PREFIX}:realtime:{model}"
+
+
+def realtime_held_key(worker_id: str) -> str:
+    """List of the direct-path calls a worker is scoring (BLMOVE puts each here as it is taken;
+    the answer's pipeline removes it): a dead worker's calls go back to `realtime_list`."""
+    return f"{PREFIX}:realtime-held:{worker_id}"
+
+
+def realtime_lists_key() -> str:
+    """Hash: worker id -> the realtime list it takes calls from (where its held calls go back)."""
+    return f"{PREFIX}:realtime-lists"
+
+
 def reply_key(call_id: str) -> str:
     """List the worker pushes a synchronous call's answer onto (the API waits with BLPOP)."""
     return f"{PREFIX}:reply:{call_id}"

@@ -36,6 +36,10 @@ if total > 0 and total + cost > tonumber(ARGV[5]) then return {0, total} end
 redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
 redis.call('HSET', KEYS[2], ARGV[1], cost)
 redis.call('INCRBY', KEYS[3], cost)
+if KEYS[4] then  -- the direct path: the admitted call goes on the workers' list in the same step
+  redis.call('LPUSH', KEYS[4], ARGV[6])
+  redis.call('EXPIRE', KEYS[4], ARGV[7])
+end
 return {1, total + cost}
 """
 
@@ -62,14 +66,32 @@ class PendingWork:
         self._admit = client.register_script(_ADMIT)
         self._release = client.register_script(_RELEASE)
 
-    def admit(self, model: str, call_id: str, cost: int, deadline: float, now: float, limit: float) -> Verdict:
+    def admit(self, model: str, call_id: str, cost: int, deadline: float, now: float, limit: float,
+              push: tuple[str, str, int] | None = None) -> Verdict:
+        """Record the call if `limit` allows it. `push` (list, message, seconds): once admitted,
+        the message is LPUSHed onto the list, whose expiry is set to the seconds, in the same
+        script (the direct path, api/dispatch.py): admitted and queued are one step, one round trip."""
         limit_arg = str(int(min(limit, 10**15)))  # Lua numbers: no infinity
-        ok, pending = self._admit(keys=names.pending_keys(model), args=[call_id, cost, deadline, now, limit_arg])
+        keys, args = list(names.pending_keys(model)), [call_id, cost, deadline, now, limit_arg]
+        if push is not None:
+            keys.append(push[0])
+            args += [push[1], push[2]]
+        ok, pending = self._admit(keys=keys, args=args)
         return Verdict(bool(ok), int(pending))
 
     def release(self, model: str, call_id: str, pipe: redis.client.Pipeline | None = None) -> None:
-        """The call is over (answered, failed, or its caller gave up); `pipe`: as part of it."""
-        self._release(keys=names.pending_keys(model), args=[call_id], client=pipe)
+        """The call is over (answered, failed, or its caller gave up); `pipe`: as part of it.
+
+        In a pipeline the script goes as a bare EVALSHA: redis-py's Script would make the pipeline
+        ask SCRIPT EXISTS, a round trip of its own, on every execute (redis/redis-py#1470, closed
+        unfixed). Should Redis have lost its script cache (a restart, a failover), that EVALSHA
+        fails alone with NoScriptError, after the pipeline's other commands ran: the caller then
+        releases the call again without a pipeline, which loads the script (worker/realtime.py)."""
+        keys = names.pending_keys(model)
+        if pipe is None:
+            self._release(keys=keys, args=[call_id])
+        else:
+            pipe.evalsha(self._release.sha, len(keys), *keys, call_id)
 
     def waiting(self, model: str, call_id: str) -> bool:
         """Whether the call's caller still waits (a worker asks before scoring it)."""

@@ -535,6 +535,9 @@ class ScoreTask(BaseModel):
     documents: list[str]
     deadline: float = Field(description="Unix time after which nobody waits for the answer.")
     options: ScoreOptions = ScoreOptions()
+    # The API's publish span as W3C traceparent (direct path only: a Celery task carries it in
+    # its message headers), so the worker's span of the call is its child (shared/tracing.py).
+    traceparent: str | None = None
 
 
 class Scored(BaseModel):

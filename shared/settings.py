@@ -121,6 +121,11 @@ class Settings(BaseSettings):
         default=30.0, gt=0, description="Seconds a client may pause while sending or reading a request."
     )
     sync_timeout: float = Field(default=25.0, gt=0, description="Seconds before a sync call is 504.")
+    realtime_path: Literal["direct", "celery"] = Field(
+        default="direct", description="API: how a synchronous call reaches the workers. direct: its task as JSON "
+                                      "on the model's Redis list, taken by the workers' realtime threads (used "
+                                      "only while every live worker of the model takes it); celery: a Celery task.",
+    )
     max_documents: int = Field(default=2048, ge=1)
     max_request_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
     max_chunks: int = Field(
@@ -171,7 +176,9 @@ class Settings(BaseSettings):
     sim_profile: Literal["base", "large", "v2-m3", "qwen3-0.6b", "qwen3-4b", "qwen3-8b"] | None = Field(
         default=None, description="DEVICE=sim: the H100 timing table; unset = the one matching the model."
     )
-    worker_concurrency: int = Field(default=32, ge=1, description="Celery threads per worker.")
+    worker_concurrency: int = Field(
+        default=32, ge=1, description="Calls a worker handles at once: Celery threads, and as many threads taking "
+                                      "synchronous calls from the direct path's list.")
     torch_threads: int | None = Field(default=None, ge=1, description="CPU threads for torch.")
     torch_compile: bool = Field(
         default=False, description="On a CPU, run the model through torch.compile (inductor); eager if it fails."

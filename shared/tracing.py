@@ -227,14 +227,16 @@ def link_to(value: str, **attributes: Any) -> None:
 
 
 @contextlib.contextmanager
-def publish(task_name: str, task_id: str, queue: str) -> Iterator[dict[str, str] | None]:
-    """The producer span of a Celery message the API sends; yields the headers to send with it.
+def publish(task_name: str, task_id: str, queue: str, *, direct: bool = False) -> Iterator[dict[str, str] | None]:
+    """The producer span of a call the API sends; yields the headers to send with it.
 
-    Hand-made because the Celery instrumentation ends its publish span only for a task registered
-    in the sending process (its after_publish handler returns early otherwise, leaving the span
-    open and attached: open-telemetry/opentelemetry-python-contrib#609), and the API sends
-    tasks by name. Same name and attributes as the instrumentation's; the worker's instrumented
-    task span becomes its child through `traceparent` in the message's headers.
+    A Celery message (`direct=False`): hand-made because the Celery instrumentation ends its
+    publish span only for a task registered in the sending process (its after_publish handler
+    returns early otherwise, leaving the span open and attached:
+    open-telemetry/opentelemetry-python-contrib#609), and the API sends tasks by name. Same name
+    and attributes as the instrumentation's; the worker's instrumented task span becomes its child
+    through `traceparent` in the message's headers. A call on the direct path's list
+    (`direct=True`): `publish/<task>`, and the worker's `process/<task>` span (`consume`) is its child.
     """
     if not _on:
         yield None
@@ -242,14 +244,30 @@ def publish(task_name: str, task_id: str, queue: str) -> Iterator[dict[str, str]
     from opentelemetry import trace
     from opentelemetry.propagate import inject
 
-    attributes = {"celery.action": "apply_async", "celery.task_name": task_name,
-                  "messaging.system": "celery", "messaging.message.id": task_id,
-                  "messaging.destination.name": queue}
-    with _tracer.start_as_current_span(f"apply_async/{task_name}", kind=trace.SpanKind.PRODUCER,
-                                       attributes=attributes):
+    if direct:
+        name, attributes = f"publish/{task_name}", {"messaging.system": "redis", "messaging.operation": "publish"}
+    else:
+        name, attributes = f"apply_async/{task_name}", {"celery.action": "apply_async", "celery.task_name": task_name,
+                                                        "messaging.system": "celery"}
+    attributes.update({"messaging.message.id": task_id, "messaging.destination.name": queue})
+    with _tracer.start_as_current_span(name, kind=trace.SpanKind.PRODUCER, attributes=attributes):
         headers: dict[str, str] = {}
         inject(headers)
         yield headers
+
+
+def consume(task_name: str, traceparent: str | None, attributes: Mapping[str, Any]):
+    """The worker's span of a call taken from the direct path's list: a consumer span, child of
+    the API's `publish/<task>` span named by `traceparent` (OFF while tracing is off)."""
+    if not _on:
+        return OFF
+    from opentelemetry import trace
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    parent = TraceContextTextMapPropagator().extract({"traceparent": traceparent} if traceparent else {})
+    return _tracer.start_as_current_span(f"process/{task_name}", context=parent, kind=trace.SpanKind.CONSUMER,
+                                         attributes={"messaging.system": "redis", "messaging.operation": "process",
+                                                     **attributes})
 
 
 @contextlib.contextmanager

@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -112,7 +113,7 @@ def test_scaled_objects_fit_kedas_crd_and_watch_each_models_queues(rendered):
         assert 1 <= spec["minReplicaCount"] <= spec["maxReplicaCount"]
         container_env = env_of(target["spec"]["template"]["spec"]["containers"][0])
         triggers = {t["name"]: t for t in spec["triggers"]}
-        assert set(triggers) == {"realtime", "bulk"}
+        assert set(triggers) == {"realtime", "bulk", "realtime-celery"}
         for trigger in triggers.values():
             meta = trigger["metadata"]
             assert trigger["type"] == "redis" and set(meta) <= REDIS_SCALER_KEYS, meta
@@ -121,7 +122,8 @@ def test_scaled_objects_fit_kedas_crd_and_watch_each_models_queues(rendered):
             for key in ("addressFromEnv", "passwordFromEnv"):
                 assert meta[key] in container_env, (key, meta[key])
         # The queue names the workers consume, from the code that names them.
-        assert triggers["realtime"]["metadata"]["listName"] == names.realtime_queue(served_model)
+        assert triggers["realtime"]["metadata"]["listName"] == names.realtime_list(served_model)
+        assert triggers["realtime-celery"]["metadata"]["listName"] == names.realtime_queue(served_model)
         assert triggers["bulk"]["metadata"]["listName"] == names.bulk_queue(served_model)
         # A waiting realtime call asks for more replicas than a waiting bulk piece.
         assert int(triggers["realtime"]["metadata"]["listLength"]) < int(triggers["bulk"]["metadata"]["listLength"])
@@ -134,7 +136,8 @@ def test_qwen3_overlay_serves_it_beside_bge_on_its_own_queues(rendered):
     assert (specs["qwen3-reranker-0.6b"].source, specs["qwen3-reranker-0.6b"].family) == ("Qwen/Qwen3-Reranker-0.6B", "qwen3")
     scaled = named(docs, "ScaledObject", "worker-qwen3-reranker-0.6b")
     lists = {t["name"]: t["metadata"]["listName"] for t in scaled["spec"]["triggers"]}
-    assert lists == {"realtime": names.realtime_queue("qwen3-reranker-0.6b"), "bulk": names.bulk_queue("qwen3-reranker-0.6b")}
+    assert lists == {"realtime": names.realtime_list("qwen3-reranker-0.6b"), "bulk": names.bulk_queue("qwen3-reranker-0.6b"),
+                     "realtime-celery": names.realtime_queue("qwen3-reranker-0.6b")}
     assert scaled["spec"]["scaleTargetRef"]["name"] == "worker-qwen3-reranker-0.6b"
 
 
@@ -249,23 +252,26 @@ def test_the_api_puts_tasks_exactly_on_the_lists_the_triggers_watch(multi_api, r
         requests.delete(f"{multi_api.url}/v1/rerank/jobs/{job}", timeout=10)
 
         # A realtime call needs a live worker: a heartbeat as a worker sends it, from no process.
+        # One that takes the direct path gets the call on its list; one that does not (an older
+        # release) gets it as a Celery task on the queue of that name.
         registry = WorkerRegistry(client)
-        registry.announce(model, "k8s-test-worker", {"id": "k8s-test-worker", "model": model, "host": "nowhere",
-                                                     "pid": 0}, ttl=30)
-        wait_for(lambda: requests.get(f"{multi_api.url}/ready", timeout=5).json()["models"][model]["workers"],
-                 10, "the API to see the heartbeat")
-        answer: list[requests.Response] = []
-        call = threading.Thread(target=lambda: answer.append(requests.post(
-            f"{multi_api.url}/v1/rerank", json={"model": model, "query": "q", "documents": ["a"]}, timeout=30)))
-        call.start()
-        wait_for(lambda: client.llen(realtime) == 1, 10, "the realtime task in Redis")
-        assert [k.decode() for k in client.keys(f"{realtime}*")] == [realtime]
-        registry.withdraw(model, "k8s-test-worker")
-        call.join(30)
-        assert answer and answer[0].status_code in (503, 504)  # nobody scored it
+        for direct, key in ((True, names.realtime_list(model)), (False, realtime)):
+            registry.announce(model, "k8s-test-worker", {"id": "k8s-test-worker", "model": model, "host": "nowhere",
+                                                         "pid": 0, "realtime_direct": direct}, ttl=30)
+            time.sleep(1.1)  # the API caches worker liveness for a second
+            answer: list[requests.Response] = []
+            call = threading.Thread(target=lambda: answer.append(requests.post(
+                f"{multi_api.url}/v1/rerank", json={"model": model, "query": "q", "documents": ["a"]}, timeout=30)))
+            call.start()
+            wait_for(lambda: client.llen(key) == 1, 10, f"the realtime call on {key}")
+            assert [k.decode() for k in client.keys(f"{key}*")] == [key]
+            registry.withdraw(model, "k8s-test-worker")
+            call.join(30)
+            assert answer and answer[0].status_code in (503, 504)  # nobody scored it
+            client.delete(key)
     finally:
         WorkerRegistry(client).withdraw(model, "k8s-test-worker")
-        client.delete(bulk, realtime)
+        client.delete(bulk, realtime, names.realtime_list(model))
 
 
 @pytest.mark.stack

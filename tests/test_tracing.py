@@ -108,7 +108,7 @@ def test_a_call_is_one_trace_from_the_api_through_the_queue_to_the_engine(traced
     (server,) = otlp.wait_for(lambda o: [s for s in o.named("POST /v1/rerank")
                                          if s.attributes.get("rerank.request_id") == rid])
     expected = {"POST /v1/rerank", "rerank.auth", "rerank.validate", "rerank.admission",
-                "apply_async/rerank.realtime", "rerank.wait", "run/rerank.realtime", "rerank.tokenize",
+                "publish/rerank.realtime", "rerank.wait", "process/rerank.realtime", "rerank.tokenize",
                 "engine.queue", "engine.forward", "rerank.reply", "rerank.answer"}
     spans = otlp.wait_for(lambda o: expected <= set(by_name(o.trace(server.trace_id))) and o.trace(server.trace_id))
     named = by_name(spans)
@@ -118,10 +118,11 @@ def test_a_call_is_one_trace_from_the_api_through_the_queue_to_the_engine(traced
     # Both processes took part, under one trace id; each span hangs where it happened.
     assert {s.service for s in spans} == {"rerank-api", "rerank-worker"}
     assert server.kind == SERVER and server.parent_id == ""
-    for name in ("rerank.auth", "rerank.validate", "rerank.admission", "apply_async/rerank.realtime", "rerank.wait",
-                 "rerank.answer"):
+    for name in ("rerank.auth", "rerank.validate", "rerank.admission", "rerank.wait", "rerank.answer"):
         assert one[name].service == "rerank-api" and one[name].parent_id == server.span_id, name
-    publish, run = one["apply_async/rerank.realtime"], one["run/rerank.realtime"]
+    publish, run = one["publish/rerank.realtime"], one["process/rerank.realtime"]
+    # Admitted and queued in one Redis script: the publish is part of the admission step.
+    assert publish.service == "rerank-api" and publish.parent_id == one["rerank.admission"].span_id
     assert publish.kind == PRODUCER and publish.attributes["messaging.message.id"].startswith(rid)
     assert run.service == "rerank-worker" and run.kind == CONSUMER and run.parent_id == publish.span_id
     assert run.attributes["rerank.request_id"] == rid
@@ -141,7 +142,7 @@ def test_a_call_is_one_trace_from_the_api_through_the_queue_to_the_engine(traced
         >= tokenize.attributes["rerank.tokens"]
     assert tokenize.end_ns <= queue.start_ns <= queue.end_ns <= forward.start_ns < forward.end_ns
     assert forward.end_ns <= one["rerank.reply"].start_ns <= run.end_ns
-    # (the task's span may end after the API answered: Celery acknowledges the message after the reply)
+    # (the worker's span may end after the API answered: its answer's RPUSH wakes the API before it returns)
     # The reply's span starts inside the call; it may end just after the API has answered (the
     # worker's RPUSH returns after the API's BLPOP already woke), so its start is what is ordered.
     assert server.start_ns <= publish.start_ns < run.start_ns and one["rerank.reply"].start_ns <= server.end_ns
@@ -216,8 +217,8 @@ def test_otlp_over_grpc_from_the_gevent_api(traced, otlp, log_dir):
             (server,) = grpc_otlp.wait_for(lambda o: [s for s in o.named("POST /v1/rerank")
                                                       if s.attributes.get("rerank.request_id") == rid])
             assert server.service == "rerank-api"
-            assert grpc_otlp.wait_for(lambda o: "apply_async/rerank.realtime" in by_name(o.trace(server.trace_id)))
-            (run,) = otlp.wait_for(lambda o: by_name(o.trace(server.trace_id)).get("run/rerank.realtime"))
+            assert grpc_otlp.wait_for(lambda o: "publish/rerank.realtime" in by_name(o.trace(server.trace_id)))
+            (run,) = otlp.wait_for(lambda o: by_name(o.trace(server.trace_id)).get("process/rerank.realtime"))
             assert run.service == "rerank-worker"
             # Still answering after an export (gRPC under gevent blocks nothing).
             assert post(url, "/v1/rerank", {"model": "traced", "query": "q", "documents": ["a"]}).status_code == 200

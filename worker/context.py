@@ -38,6 +38,7 @@ class WorkerContext:
     pending: PendingWork
     feeder: Feeder | None = None  # set once the Celery app exists: it sends the next bulk pieces
     heartbeat: Any = None  # worker.heartbeat.Heartbeat, once started
+    realtime_direct: bool = False  # its threads take calls from the direct path's list (worker/realtime_consumer.py)
     worker_id: str = field(default_factory=lambda: WorkerContext.new_id())
 
     @staticmethod
@@ -81,4 +82,7 @@ class WorkerContext:
             "engine_shared": bool(info.get("shared", False)),
             "engine_memory_mib": info.get("memory_mib"),
             "engine_connected": self.engine.connected,
+            # Whether it takes synchronous calls from names.realtime_list: the API sends calls that
+            # way only while every live worker of the model does (api/dispatch.py).
+            "realtime_direct": self.realtime_direct,
         }

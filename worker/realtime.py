@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import time
 
+import redis
+
 from engine import REALTIME, Engine
 from engine.errors import Expired
 from shared import names, tracing
@@ -62,16 +64,22 @@ def _score(ctx: WorkerContext, task: ScoreTask) -> ScoreReply | None:
     return ScoreReply(scored=scored(scores))
 
 
-def send_reply(ctx: WorkerContext, call_id: str, reply: ScoreReply) -> None:
-    """The answer on the caller's list, and the call out of the pending ledger: one round trip."""
+def send_reply(ctx: WorkerContext, call_id: str, reply: ScoreReply, held: tuple[str, bytes] | None = None) -> None:
+    """The answer on the caller's list, and the call out of the pending ledger (and, taken from
+    the direct path, off this worker's held list: `held` is the list and the message): one round trip."""
     with tracing.span("rerank.reply", {"rerank.failure": reply.failure.kind} if reply.failure else None):
-        _push_reply(ctx, call_id, reply)
+        _push_reply(ctx, call_id, reply, held)
 
 
-def _push_reply(ctx: WorkerContext, call_id: str, reply: ScoreReply) -> None:
+def _push_reply(ctx: WorkerContext, call_id: str, reply: ScoreReply, held: tuple[str, bytes] | None) -> None:
     key = names.reply_key(call_id)
     pipe = ctx.redis.pipeline(transaction=False)
     pipe.rpush(key, reply.model_dump_json(exclude_none=True))
     pipe.expire(key, REPLY_TTL_SECONDS)
     ctx.pending.release(ctx.spec.name, call_id, pipe)
-    pipe.execute()
+    if held is not None:
+        pipe.lrem(held[0], 1, held[1])
+    try:
+        pipe.execute()
+    except redis.exceptions.NoScriptError:  # Redis lost its scripts (shared/pending.py); the rest ran
+        ctx.pending.release(ctx.spec.name, call_id)

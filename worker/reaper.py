@@ -40,6 +40,13 @@ class Reaper:
         except redis.RedisError as exc:  # not listed: VISIBILITY_TIMEOUT still hands it out
             log.warning("could not list message %s as held by this worker: %s", tag, exc)
 
+    def takes_realtime(self, realtime_list: str) -> None:
+        """The direct path's calls this worker holds go back to `realtime_list` should it die."""
+        try:
+            self.redelivery.takes_realtime(realtime_list)
+        except redis.RedisError as exc:  # the next heartbeat records it
+            log.warning("could not record where this worker's calls go back: %s", exc)
+
     def beat(self) -> None:
         """Heartbeat thread."""
         try:

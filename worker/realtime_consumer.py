@@ -38,7 +38,7 @@ from worker.realtime import score_call, send_reply
 
 log = logging.getLogger(__name__)
 
-#: BLMOVE waits at most this long, so a stopping worker's threads notice within it.
+#: BLMOVE waits at most this long (a stopping worker wakes its threads at once: CLIENT UNBLOCK).
 TAKE_TIMEOUT_SECONDS = 1.0
 #: Pause after a failed Redis command, so a Redis that is away is not asked in a hot loop.
 REDIS_RETRY_SECONDS = 0.5
@@ -50,31 +50,48 @@ class RealtimeConsumer:
         self.list = names.realtime_list(ctx.spec.name)
         self.held = names.realtime_held_key(ctx.worker_id)
         self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run, name=f"realtime-{n}", daemon=True) for n in range(threads)]
+        self._threads = [threading.Thread(target=self._run, args=(n,), name=f"realtime-{n}", daemon=True)
+                         for n in range(threads)]
+        self._client_ids: dict[int, int | None] = {}  # thread -> the Redis CLIENT ID its BLMOVE blocks on
 
     def start(self) -> None:
         for thread in self._threads:
             thread.start()
 
     def stop(self, timeout: float) -> None:
-        """Take no more calls; wait up to `timeout` seconds for the ones being scored."""
+        """Take no more calls; wait up to `timeout` seconds for the ones being scored. Threads
+        waiting in BLMOVE are unblocked (Redis answers as if it timed out: nothing is moved)."""
         self._stop.set()
+        for client_id in list(self._client_ids.values()):
+            if client_id is not None:
+                try:
+                    self.ctx.redis.client_unblock(client_id)
+                except redis.RedisError:
+                    pass  # they wake within TAKE_TIMEOUT_SECONDS anyway
         for thread in self._threads:
             thread.join(timeout)
 
-    def _run(self) -> None:
+    def _run(self, n: int) -> None:
+        client: redis.Redis | None = None  # a connection of its own, whose id `stop` can unblock
         while not self._stop.is_set():
             if not self.ctx.engine.connected:  # a shared engine restarting: leave calls to others
                 self.ctx.engine.wait_ready(TAKE_TIMEOUT_SECONDS)
                 continue
             try:
-                raw = self.ctx.redis.blmove(self.list, self.held, TAKE_TIMEOUT_SECONDS, "RIGHT", "LEFT")
+                if client is None:
+                    client = redis.Redis(connection_pool=self.ctx.redis.connection_pool, single_connection_client=True)
+                    self._client_ids[n] = client.client_id()
+                raw = client.blmove(self.list, self.held, TAKE_TIMEOUT_SECONDS, "RIGHT", "LEFT")
             except redis.RedisError as exc:
                 log.warning("could not take a call from %s: %s", self.list, exc)
+                self._client_ids[n] = None
+                client = _closed(client)  # reconnected, it would have another id
                 self._stop.wait(REDIS_RETRY_SECONDS)
                 continue
             if raw is not None:
                 self.handle(raw)
+        self._client_ids[n] = None
+        _closed(client)
 
     def handle(self, raw: bytes) -> None:
         """Score one call taken from the list and answer it; never raises."""
@@ -131,3 +148,13 @@ class RealtimeConsumer:
             self.ctx.redis.lrem(self.held, 1, raw)
         except redis.RedisError as exc:
             log.warning("could not take a call off %s: %s", self.held, exc)
+
+
+def _closed(client: redis.Redis | None) -> None:
+    """Hand a thread's own connection back (None: nothing to do); returns None."""
+    if client is not None:
+        try:
+            client.close()
+        except redis.RedisError:
+            pass
+    return None

@@ -82,7 +82,7 @@ class RealtimeConsumer:
                     client = redis.Redis(connection_pool=self.ctx.redis.connection_pool, single_connection_client=True)
                     self._client_ids[n] = client.client_id()
                 raw = client.blmove(self.list, self.held, TAKE_TIMEOUT_SECONDS, "RIGHT", "LEFT")
-            except redis.RedisError as exc:
+            except Exception as exc:  # noqa: BLE001 - Redis away (or a bug): this thread must live on
                 log.warning("could not take a call from %s: %s", self.list, exc)
                 self._client_ids[n] = None
                 client = _closed(client)  # reconnected, it would have another id

@@ -96,7 +96,7 @@ def s3(log_dir):
     proc = Proc("moto-s3", [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], env, log_dir)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_for(lambda: requests.get(url, timeout=1).status_code < 500, 30, "moto", proc)
+        wait_for(lambda: requests.get(url, timeout=1).status_code < 500, 90, "moto", proc)
     except (RuntimeError, TimeoutError) as exc:
         proc.stop()
         pytest.skip(f"moto's S3 server could not start here: {exc}")

@@ -22,6 +22,8 @@ from shared.redelivery import Redelivery
 from shared.workers import WorkerRegistry
 from tests.procs import start_api, start_worker, wait_for
 
+pytestmark = pytest.mark.stack
+
 BODY = {"model": "tiny", "query": "where is the queue", "documents": ["in redis", "bananas", "a third"]}
 
 
@@ -48,7 +50,6 @@ def test_a_dead_workers_held_calls_go_back_to_their_list(redis_url):
         client.hdel(names.realtime_lists_key(), dead)
 
 
-@pytest.mark.stack
 def test_calls_take_the_direct_path_and_the_celery_path_still_works(api, stack_env, log_dir):
     client = redis.Redis.from_url(stack_env["REDIS_URL"])
     (info,) = WorkerRegistry(client).alive("tiny", fresh=True)
@@ -87,7 +88,6 @@ def path_taken(client: redis.Redis, info: dict, send) -> tuple[str, requests.Res
     return way, answer[0]
 
 
-@pytest.mark.stack
 def test_a_malformed_call_is_answered_or_dropped_and_the_worker_lives_on(api, stack_env):
     client = redis.Redis.from_url(stack_env["REDIS_URL"])
     call_id = f"malformed.{os.getpid()}"
@@ -102,7 +102,6 @@ def test_a_malformed_call_is_answered_or_dropped_and_the_worker_lives_on(api, st
     assert r.status_code == 200, r.text
 
 
-@pytest.mark.stack
 def test_a_call_held_by_a_worker_that_dies_is_answered_by_another(stack_env, model_dir, log_dir):
     """Nothing accepted is lost: the worker holding the call is killed mid-call, and a live worker's
     reaper hands the call on while its caller still waits."""

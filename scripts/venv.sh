@@ -11,9 +11,10 @@ stamp=".venv/.installed-$(basename "$req" .txt)"
 digest="$(cat requirements/*.txt | sha256sum | cut -d' ' -f1)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$digest" ]; then
   echo "installing $req into .venv (first run takes a few minutes)" >&2
-  # --no-compile: Python compiles what is imported, on first import; compiling every installed
-  # module up front (torch's thousands) took half of a fresh install on a 2-core VM (5 min -> 2.6).
-  .venv/bin/python -m pip install -q --no-compile --disable-pip-version-check -r "$req" 2>&1 \
+  # Modules are compiled at install (not --no-compile): where PYTHONDONTWRITEBYTECODE is set, as on
+  # these VMs, nothing imported later would ever be cached, and every process would compile torch
+  # and transformers from source again (the suite took 30 min against 24 so).
+  .venv/bin/python -m pip install -q --disable-pip-version-check -r "$req" 2>&1 \
     | grep -v "is ignored: it is neither a file nor a directory" >&2 || true
   .venv/bin/python -m pip check >/dev/null 2>&1 || .venv/bin/python -m pip check >&2 || true
   .venv/bin/python -c 'import celery, flask, torch, transformers' 2>/dev/null \

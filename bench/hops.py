@@ -18,6 +18,7 @@ writes it as JSON under bench/results/ (docs/performance.md keeps the current on
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import shutil
 import statistics
@@ -27,9 +28,9 @@ import time
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
+from urllib.parse import urlsplit
 
-import requests
-
+from bench.measure import http_caller
 from bench.report import RESULTS, machine
 from bench.stack import Service, model_dir
 
@@ -73,9 +74,15 @@ def main(argv: list[str] | None = None) -> int:
     local = Engine.start(EngineConfig(source=str(path), device=args.device))
     try:
         query, document = "what is a reranker", "A reranker scores each document against the query. " * 8
-        body = {"model": "bench", "query": query, "documents": [document]}
-        session = requests.Session()
-        url = service.url
+        call = http_caller(service.url)  # the load generator's lean client (bench/measure.py)
+        health = http.client.HTTPConnection(*urlsplit(service.url)[1].split(":"), timeout=30)
+
+        def get_health() -> None:
+            health.request("GET", "/health")
+            response = health.getresponse()
+            response.read()
+            assert response.status == 200, response.status
+
         client = redis.Redis.from_url(service.env["REDIS_URL"])
         pending = PendingWork(client)
         celery = make_celery(Settings(redis_url=service.env["REDIS_URL"], models=f"bench={path}"), "hops")
@@ -110,8 +117,8 @@ def main(argv: list[str] | None = None) -> int:
             client.blpop(["bench.hops.reply"], timeout=1)
 
         hops = {
-            "call": lambda: session.post(url + "/v1/rerank", json=body, timeout=30).raise_for_status(),
-            "http": lambda: session.get(url + "/health", timeout=30).raise_for_status(),
+            "call": lambda: call(query, [document]),
+            "http": get_health,
             "redis_round_trip": client.ping,
             "admission": admission,
             "take": take,

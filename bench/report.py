@@ -81,6 +81,14 @@ def ratios(r: dict) -> dict[str, float]:
             out["w2_path_cpu_direct_over_celery"] = cpu["path_us_per_pair"] / path
     if "w3" in celery and "w3" in s:
         out["w3_direct_minus_celery_ms"] = s["w3"]["p50_ms"] - celery["w3"]["p50_ms"]
+    base = r.get("service_baseline", {})
+    if "w2" in base and "w2" in s:
+        out["w2_over_baseline"] = s["w2"]["pairs_per_s"] / base["w2"]["pairs_per_s"]
+        path = base["w2"].get("cpu", {}).get("path_us_per_pair")
+        if path and "path_us_per_pair" in cpu:
+            out["w2_path_cpu_over_baseline"] = cpu["path_us_per_pair"] / path
+    if "w3" in base and "w3" in s:
+        out["w3_minus_baseline_ms"] = s["w3"]["p50_ms"] - base["w3"]["p50_ms"]
     if "engine_outside_forward_us_per_pair" in cpu:
         out["engine_cpu_us_per_pair_outside_forward"] = cpu["engine_outside_forward_us_per_pair"]
     return out
@@ -131,6 +139,10 @@ def table(report: dict) -> str:
     add("w2", "  (direct path / Celery path)", "", "w2_direct_over_celery")
     add("cpu", "  (direct path / Celery path)", "", "w2_path_cpu_direct_over_celery")
     add("w3", "  (direct path − Celery path, ms)", "", "w3_direct_minus_celery_ms")
+    if "service_baseline" in r:
+        add("w2", f"  (service / baseline {report.get('baseline')})", "", "w2_over_baseline")
+        add("cpu", "  (service / baseline)", "", "w2_path_cpu_over_baseline")
+        add("w3", "  (service − baseline, ms)", "", "w3_minus_baseline_ms")
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
     lines = [" | ".join(str(v).ljust(wd) for v, wd in zip(row, widths)) for row in rows]
     lines.insert(1, "-+-".join("-" * wd for wd in widths))

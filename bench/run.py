@@ -8,6 +8,7 @@ bench/results/.
     python -m bench.run --only w2,w3 --quick    # a smaller, faster pass
     python -m bench.run --device sim            # the GPU path on a simulated H100 (engine/backends/sim.py)
     python -m bench.run --device cuda           # on a GPU machine
+    python -m bench.run --device sim --only w2,w3 --baseline db734d8   # and that commit's code, in turns
 
 CPU: random-weight XLM-R models built once under bench/.cache, the exact bge-reranker-base
 architecture for W1 and a small one (4 layers, hidden 256) for W2-W4.
@@ -31,6 +32,7 @@ from __future__ import annotations
 import argparse
 import gc
 import shutil
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -38,6 +40,7 @@ from pathlib import Path
 from bench import workloads
 from bench.report import machine, write
 from bench.stack import Ceiling, Naive, Service, model_dir
+from rerank.procs import ROOT
 from bench.workloads import Workloads, make_workloads, seed_profile
 
 
@@ -56,6 +59,9 @@ def measure(path: Path, w: Workloads, only: set[str], log_dir: Path, args) -> di
     if args.celery_path:  # the same layout, synchronous calls sent as Celery tasks (REALTIME_PATH=celery)
         more.append(Service(path, log_dir, args.device, name="service_celery", feeders=counts[0] or None,
                             extra={"REALTIME_PATH": "celery"}))
+    if args.baseline_code is not None:  # the same layout, another commit's code
+        more.append(Service(path, log_dir, args.device, name="service_baseline", feeders=counts[0] or None,
+                            code=args.baseline_code))
     for extra in more:
         out[extra.name] = {}
     before = (Service(path, log_dir, args.device, name="before", extra={"ENGINE_PROCESS": "false",
@@ -100,6 +106,16 @@ def measure(path: Path, w: Workloads, only: set[str], log_dir: Path, args) -> di
     return out
 
 
+def baseline_tree(ref: str, where: Path) -> Path:
+    """The source tree of commit `ref`, extracted under `where` (its model folders and caches are
+    this run's: only the code differs)."""
+    code = where / "baseline-code"
+    code.mkdir()
+    archive = subprocess.run(["git", "archive", ref], cwd=ROOT, capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(code)], input=archive, check=True)
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -114,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--celery-path", action="store_true",
                         help="also measure the service with synchronous calls sent as Celery tasks "
                              "(REALTIME_PATH=celery), side by side with the direct path")
+    parser.add_argument("--baseline", metavar="REF",
+                        help="also measure this commit's code (git archive of REF, this virtual environment) as "
+                             "service_baseline, the same layout, in turns with the rest: what a change gained")
     parser.add_argument("--w1-reps", type=int, default=5)
     parser.add_argument("--repeat", type=int, default=3, help="W2 and W3 turns per system; the best counts")
     parser.add_argument("--w2-clients", type=int)
@@ -142,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
                        doc_tokens=(150, 650) if gpu else (30, 400))
     log_dir = Path(tempfile.mkdtemp(prefix="rerank-bench-"))
     print(f"logs in {log_dir} (removed after a run that ends well)", flush=True)
+    args.baseline_code = baseline_tree(args.baseline, log_dir) if args.baseline else None
     results: dict[str, dict] = {"ceiling": {}, "naive": {}, "before": {}, "service": {}}
     try:
         if "w1" in only:
@@ -160,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
 
     report = {"machine": machine(), "device": args.device, "simulated": args.device == "sim",
               "models": {"w1": args.w1_arch, "w2_w4": args.arch},
+              "baseline": (subprocess.run(["git", "rev-parse", "--short", args.baseline], cwd=ROOT, capture_output=True,
+                                          text=True).stdout.strip() or args.baseline) if args.baseline else None,
               "workloads": {"repeat_best_of": args.repeat, "w1_docs": 100, "w1_reps": args.w1_reps,
                             "w2_clients": args.w2_clients, "w2_requests_per_client": args.w2_requests,
                             "w3_requests": args.w3_requests, "w4_pairs": sum(len(d) for _, d in w.w4),

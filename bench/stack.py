@@ -32,6 +32,20 @@ def model_dir(arch: str, weights: bool = True) -> Path:
     return path
 
 
+def served_env(**overrides: str) -> dict[str, str]:
+    """The environment of a measured server: the tests' (rerank/procs.py), less what they pin
+    that a deployment leaves alone. TOKENIZERS_PARALLELISM stays the tokenizer's default, as the
+    launcher leaves it: a feeder at the default did 1.13-1.15 x the W2 pairs at the same CPU per
+    pair as with it off (simulated device, 2-core VM, 2026-12-08), which bench runs before then
+    measured."""
+    env = base_env(**overrides)
+    if "TOKENIZERS_PARALLELISM" not in overrides:
+        env.pop("TOKENIZERS_PARALLELISM", None)
+        if "TOKENIZERS_PARALLELISM" in os.environ:
+            env["TOKENIZERS_PARALLELISM"] = os.environ["TOKENIZERS_PARALLELISM"]
+    return env
+
+
 class Ceiling:
     """The model in-process: the engine without HTTP, queue or processes. On a GPU (or the
     simulated one) pairs are tokenized before the clock starts: the model alone."""
@@ -87,7 +101,7 @@ class Naive:
 
     def __init__(self, path: Path, log_dir: Path, device: str) -> None:
         self.port = free_port()
-        env = base_env(MODEL_DIR=str(path), DEVICE=device)
+        env = served_env(MODEL_DIR=str(path), DEVICE=device)
         self.proc = Proc(f"naive-{path.name}", [sys.executable, "-m", "gunicorn", "-w", "1", "-k", "sync",
                                                  "-t", "3600", "-b", f"127.0.0.1:{self.port}",
                                                  "bench.naive_server:create_app()"], env, log_dir)
@@ -104,13 +118,15 @@ class Service:
     workers over its socket; without, one worker with an engine (or the model) of its own."""
 
     def __init__(self, path: Path, log_dir: Path, device: str, name: str = "service",
-                 extra: dict[str, str] | None = None, warm: bool = True, feeders: int | None = None) -> None:
+                 extra: dict[str, str] | None = None, warm: bool = True, feeders: int | None = None,
+                 code: Path = ROOT) -> None:
+        """`code`: the source tree its processes run (bench.run --baseline: another commit's)."""
         self.name = name
         self.redis = self.worker = self.api = self.engine = None
         self.feeders: list[Proc] = []
         try:
             self.redis, redis_url = start_redis(log_dir)
-            env = base_env(**{"REDIS_URL": redis_url, "MODELS": f"bench={path}", "SYNC_TIMEOUT": "900",
+            env = served_env(**{"REDIS_URL": redis_url, "MODELS": f"bench={path}", "SYNC_TIMEOUT": "900",
                               "DEVICE": device, "DATA_DIR": str(log_dir / f"data-{name}-{path.name}"),
                               "LOG_LEVEL": "WARNING", "API_WORKERS": "2", "HEARTBEAT_INTERVAL": "0.5",
                               **(extra or {})})
@@ -120,10 +136,11 @@ class Service:
                 self._sockets = tempfile.mkdtemp(prefix="rb-")
                 socket_path = os.path.join(self._sockets, "e.sock")
                 self.engine = Proc(f"{name}-engine-{path.name}", [sys.executable, "-m", "engine", "--model", "bench",
-                                                                  "--socket", socket_path], env, log_dir)
+                                                                  "--socket", socket_path], env, log_dir,
+                                   cwd=code)
                 feeder_env = dict(env, ENGINE_SOCKET=socket_path)
                 self.feeders = [start_worker(f"{name}-feeder{n}-{path.name}", feeder_env, log_dir, "bench",
-                                             wait=False) for n in range(feeders)]
+                                             wait=False, code=code) for n in range(feeders)]
                 import redis as redis_lib
 
                 from shared.workers import WorkerRegistry
@@ -133,8 +150,8 @@ class Service:
                          f"{feeders} feeders of one engine", self.engine)
                 self.worker = self.feeders[0]
             else:
-                self.worker = start_worker(f"{name}-worker-{path.name}", env, log_dir, "bench")
-            self.api, self.url = start_api(f"{name}-api-{path.name}", env, log_dir)
+                self.worker = start_worker(f"{name}-worker-{path.name}", env, log_dir, "bench", code=code)
+            self.api, self.url = start_api(f"{name}-api-{path.name}", env, log_dir, code=code)
             self.ready_after = time.perf_counter() - self.started
             self.call = http_caller(self.url)
             if warm:

@@ -94,8 +94,10 @@ def start_redis(log_dir: Path, port: int | None = None, data_dir: Path | None = 
     return proc, url
 
 
-def start_worker(name: str, env: dict[str, str], log_dir: Path, model: str, *, wait: bool = True) -> Proc:
-    proc = Proc(name, [sys.executable, "-m", "worker", "--model", model], env, log_dir)
+def start_worker(name: str, env: dict[str, str], log_dir: Path, model: str, *, wait: bool = True,
+                 code: Path = ROOT) -> Proc:
+    """`code`: the source tree the worker runs (another commit's, for a side-by-side benchmark)."""
+    proc = Proc(name, [sys.executable, "-m", "worker", "--model", model], env, log_dir, cwd=code)
     if wait:
         client = redis_for(env)
         wait_for(lambda: client.scard(f"rerank:workers:{model}") and _alive(client, model, proc.pid),
@@ -118,11 +120,12 @@ def _alive(client: redis.Redis, model: str, pid: int) -> bool:
     return any(w["pid"] == pid for w in WorkerRegistry(client).alive(model, fresh=True))
 
 
-def start_api(name: str, env: dict[str, str], log_dir: Path) -> tuple[Proc, str]:
+def start_api(name: str, env: dict[str, str], log_dir: Path, code: Path = ROOT) -> tuple[Proc, str]:
     port = free_port()
     env = dict(env, PORT=str(port), HOST="127.0.0.1")
     env.setdefault("API_WORKERS", "1")
-    proc = Proc(name, [sys.executable, "-m", "gunicorn", "-c", str(ROOT / "api" / "gunicorn.conf.py")], env, log_dir)
+    proc = Proc(name, [sys.executable, "-m", "gunicorn", "-c", str(code / "api" / "gunicorn.conf.py")], env, log_dir,
+                cwd=code)
     url = f"http://127.0.0.1:{port}"
     wait_for(lambda: requests.get(url + "/health", timeout=1).ok, 30, name, proc)
     return proc, url

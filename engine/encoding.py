@@ -246,17 +246,10 @@ class Encoder:
         if instruction is not None:
             raise InstructionNotAccepted(f"{self.family} models take no instruction")
         max_length = min(max_length or self.max_length, self.limit)
-        # The query and the documents in one call of the tokenizer: each call has a fixed cost
-        # (100 us of a 1-document call's 280 in a feeder on the 2-core VM, its caches cold). The
-        # documents are cut for the most room an empty query would leave, a bound at least as
-        # long as the exact one: their kept tokens are the same.
-        cap = query_cap(max_length)
-        widest = _tokens_needed(self.room((), max_length), policy)
-        tokens, chars = self._bounded_tokens([query, *documents], [cap] + [widest] * len(documents),
-                                             policy.direction, first_direction="right")
-        q_ids, doc_ids = tokens[0][:cap], tokens[1:]
-        characters, tokenized = sum(chars[1:]), sum(map(len, doc_ids))  # the documents' ratio, as the API prices them
+        q_ids = self.query_ids(query, max_length)
         room = self.room(q_ids, max_length)
+        needed = _tokens_needed(room, policy)
+        doc_ids, characters, tokenized = self._bounded_tokens(documents, [needed] * len(documents), policy.direction)
 
         spans, truncated = document_spans([len(d) for d in doc_ids], [room] * len(doc_ids), policy, max_length)
         head = self.prefix + q_ids + self.middle
@@ -278,24 +271,20 @@ class Encoder:
         return Encoded.concat(parts), where
 
     # --- bounded tokenization ------------------------------------------------------------------------
-    def _bounded_tokens(self, texts: Sequence[str], needed: Sequence[int], direction: str, *,
-                        first_direction: str | None = None) -> tuple[list[list[int]], list[int]]:
+    def _bounded_tokens(self, texts: Sequence[str], needed: Sequence[int],
+                        direction: str) -> tuple[list[list[int]], int, int]:
         """Tokens of each text, of which at least the `needed` ones at the kept end are exact;
-        and the characters of each that were tokenized. `first_direction`: the first text's
-        kept end, when it differs (a query is always cut on the right, its documents as asked).
+        and the characters tokenized and tokens produced.
 
         Text far beyond the kept end is cut before tokenizing (bounded time and memory for any
         input); a cut whose result is too short to trust is redone on the whole text.
         """
-        directions = [direction] * len(texts)
-        if first_direction is not None and texts:
-            directions[0] = first_direction
-        cut = [_cut(t, n, d) for t, n, d in zip(texts, needed, directions)]
+        cut = [_cut(t, n, direction) for t, n in zip(texts, needed)]
         tokens = self.tokenize(cut)
         for i, (text, part, n) in enumerate(zip(texts, cut, needed)):
             if len(part) < len(text) and len(tokens[i]) < n + BOUND_MARGIN:
                 cut[i], tokens[i] = text, self.tokenize([text])[0]
-        return tokens, [len(c) for c in cut]
+        return tokens, sum(map(len, cut)), sum(map(len, tokens))
 
 
 def _tokens_needed(room: int, policy: DocumentPolicy) -> int:

@@ -29,6 +29,7 @@ import redis
 from celery import Celery
 
 from api import job_results
+from api.admission import chars_per_token, estimate_cost, served_length, workers_layout
 from api.dispatch import check_instruction
 from api.errors import ApiError
 from api.job_inputs import Entry, Truncated
@@ -60,12 +61,22 @@ def iso(ts: float | None) -> str | None:
 
 
 @dataclass
+class PieceSize:
+    """How much a piece holds: at most `pairs` pairs and, when `cost` is set, about that much
+    model work (batcher cost units, engine/cost.py), each item priced by `item_cost`."""
+
+    pairs: int
+    cost: float | None = None
+    item_cost: Callable[[JobItem, list[str]], int] | None = None
+
+
+@dataclass
 class _Cutter:
-    """Writes validated items into pieces of at most `piece_pairs` pairs, in input order."""
+    """Writes validated items into pieces of at most `size` (pairs, and model work), in input order."""
 
     storage: JobStorage
     job_id: str
-    piece_pairs: int
+    size: PieceSize
     max_documents: int
     on_piece: Callable[[int], None]  # called with the bytes stored so far after each piece
     pieces: int = 0
@@ -77,6 +88,7 @@ class _Cutter:
     error_count: int = 0
     _buffer: list[bytes] = field(default_factory=list)
     _buffer_pairs: int = 0
+    _buffer_cost: float = 0.0
     _buffer_start: int = 0
 
     def error(self, where: str, message: str) -> None:
@@ -91,13 +103,16 @@ class _Cutter:
             return
         if self.error_count:
             return  # the job will be refused: stop writing, keep validating
-        if self._buffer and self._buffer_pairs + len(texts) > self.piece_pairs:
+        cost = self.size.item_cost(item, texts) if self.size.cost is not None else 0
+        if self._buffer and (self._buffer_pairs + len(texts) > self.size.pairs
+                             or (self.size.cost is not None and self._buffer_cost + cost > self.size.cost)):
             self.flush()
         if not self._buffer:
             self._buffer_start = self.items
         self._buffer.append(pydantic_core.to_json({"index": self.items, "id": item.id, "query": item.query,
                                                    "documents": texts, "top_n": item.top_n}))
         self._buffer_pairs += len(texts)
+        self._buffer_cost += cost
         self.items += 1
         self.pairs += len(texts)
 
@@ -108,7 +123,7 @@ class _Cutter:
             self.piece_starts.append(self._buffer_start)
             self.pieces += 1
             self.bytes_stored += len(data)
-            self._buffer, self._buffer_pairs = [], 0
+            self._buffer, self._buffer_pairs, self._buffer_cost = [], 0, 0.0
             self.on_piece(self.bytes_stored)
 
 
@@ -125,14 +140,36 @@ class JobService:
         self._feed_loop_lock = threading.Lock()
 
     # --- creating ---------------------------------------------------------------------------------
-    def piece_pairs(self, model: ModelSpec) -> int:
-        """About a second of model time at the workers' measured pace, within sane bounds."""
+    def piece_size(self, model: ModelSpec, options: ScoreOptions) -> PieceSize:
+        """About a second of model time for one engine, within sane bounds (JOB_PIECE_PAIRS: a
+        fixed number of pairs instead).
+
+        Priced as admission prices a call (each item's cost from its text, at the workers'
+        characters per token) against the capacity an engine measured while it warmed up, so a
+        job's pieces are right from its first one. Before, they were sized from the pace of
+        scored traffic, unknown to a fresh engine: the first job after a start was cut into the
+        default 256 pairs, and 4 pieces in flight per worker held 0.2 s of model work; the
+        simulated engine idled between them (a 40 000-pair job: 167 pieces, 3 275 pairs/s; once
+        the pace was known, 10 pieces, 3 583-3 636). The pace stays the measure for workers that
+        announce no capacity."""
         if self.settings.job_piece_pairs:
-            return self.settings.job_piece_pairs
-        paces = [e.get("pairs_per_second") or 0 for e in per_engine(self.workers.alive(model.name))]
+            return PieceSize(self.settings.job_piece_pairs)
+        workers = self.workers.alive(model.name)
+        engines = per_engine(workers)
+        capacity = max((e.get("capacity") or 0.0 for e in engines), default=0.0)
+        if capacity > 0:
+            max_length = served_length(workers, model.max_length)
+            ratio, layout = chars_per_token(workers), workers_layout(workers)
+
+            def item_cost(item: JobItem, texts: list[str]) -> int:
+                return estimate_cost(item.query, texts, options, max_length=max_length, chars_per_token=ratio,
+                                     max_chunks=self.settings.max_chunks, pair_layout=layout)
+
+            return PieceSize(PIECE_PAIRS_MAX, cost=capacity * PIECE_SECONDS, item_cost=item_cost)
+        paces = [e.get("pairs_per_second") or 0 for e in engines]
         if not any(paces):
-            return PIECE_PAIRS_DEFAULT
-        return int(min(max(max(paces) * PIECE_SECONDS, PIECE_PAIRS_MIN), PIECE_PAIRS_MAX))
+            return PieceSize(PIECE_PAIRS_DEFAULT)
+        return PieceSize(int(min(max(max(paces) * PIECE_SECONDS, PIECE_PAIRS_MIN), PIECE_PAIRS_MAX)))
 
     def create_from_items(self, model: ModelSpec, items: Iterable[tuple[str, JobItem]], *, owner: str,
                           options: ScoreOptions) -> Job:
@@ -183,7 +220,7 @@ class JobService:
                 raise ApiError(503, "the job's upload state was lost (Redis restarted, or the upload "
                                "stalled too long); send it again", error_type="unavailable")
 
-        cutter = _Cutter(self.storage, job_id, self.piece_pairs(model), self.settings.max_documents, on_piece)
+        cutter = _Cutter(self.storage, job_id, self.piece_size(model, options), self.settings.max_documents, on_piece)
         for where, item, problem in entries():
             if item is None:
                 cutter.error(where, problem or "invalid")

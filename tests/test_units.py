@@ -149,3 +149,45 @@ def test_kombu_channels_reuse_one_redis_client_and_follow_a_new_pool(redis_url):
         with channel.conn_or_acquire() as third:
             assert third is not first and third.connection_pool is channel.pool and third.ping()
         channel.close()
+
+
+# --- how a job is cut into pieces (api/jobs.py) ----------------------------------------------------
+
+
+def _cut(tmp_path, workers, items, **settings):
+    """The pieces `items` become when `workers` are the model's live workers: pairs per piece."""
+    from types import SimpleNamespace
+
+    from api.jobs import JobService, _Cutter
+    from shared.schemas import JobItem, ScoreOptions
+    from shared.settings import ModelSpec
+    from shared.storage import JobStorage
+
+    registry = SimpleNamespace(alive=lambda model: workers)
+    service = SimpleNamespace(settings=Settings(**settings), workers=registry)
+    size = JobService.piece_size(service, ModelSpec(name="m", source="/x", max_length=512), ScoreOptions())
+    cutter = _Cutter(JobStorage(str(tmp_path)), "job", size, max_documents=1000, on_piece=lambda stored: None)
+    for n, (query, documents) in enumerate(items):
+        cutter.add(f"line {n}", JobItem(query=query, documents=documents))
+    cutter.flush()
+    storage = JobStorage(str(tmp_path))
+    return [sum(len(i["documents"]) for i in storage.read_lines(storage.input_path("job", p)))
+            for p in range(cutter.pieces)]
+
+
+def test_a_fresh_engines_first_job_is_cut_by_its_measured_capacity(tmp_path):
+    # No scored traffic yet (no pace): about one second of model work per piece at the capacity
+    # the engine measured while warming up, each item priced from its text as admission does.
+    doc = "word " * 300  # 1500 characters: 500 tokens at 3 characters a token, a pair of 512
+    items = [("q", [doc] * 10) for _ in range(30)]  # 30 items of 10 pairs
+    fast = [{"id": "w1", "engine_id": "e1", "capacity": 50_000, "chars_per_token": 3.0}]
+    pieces = _cut(tmp_path / "fast", fast, items)
+    assert pieces == [90, 90, 90, 30]  # 50 000 / (512 x 1.05 padding) = 93 pairs: 9 whole items
+    slow = [dict(fast[0], capacity=5_000)]
+    assert _cut(tmp_path / "slow", slow, items) == [10] * 30  # one item a piece: never split inside one
+    # An engine fed by two workers counts once; a measured pace alone sizes pieces by pairs.
+    two = [dict(fast[0], id="w2"), fast[0]]
+    assert _cut(tmp_path / "two", two, items) == pieces
+    paced = [{"id": "w1", "pairs_per_second": 100.0}]
+    assert _cut(tmp_path / "paced", paced, items) == [100, 100, 100]
+    assert _cut(tmp_path / "fixed", fast, items, job_piece_pairs=40) == [40] * 7 + [20]

@@ -7,6 +7,14 @@ padding stays low and the queue moves in order. Realtime pairs always form the n
 before any bulk pair. A lone request on an idle device is launched at once; batches form while
 the device is busy with the previous one (the next batch is chosen and collated while it runs).
 
+Refill: the batch chosen while the device runs may have been chosen from a few requests, the ones
+that had arrived when the pass started. When the pass ends, if more came meanwhile and that batch
+is not full, it is put back and chosen again from everything waiting: behind the service's
+feeders, requests trickle in while a pass runs, and batches chosen at a pass's start were half as
+big and less sorted as those the same load made in-process (simulated H100, W2: 80 pairs a batch
+against 144, 81 % of computed tokens real against 91 %). The cost is one more collation, on the
+host, when it happens.
+
 Everything per pair is numpy, per batch or per ticket Python: the model's process spends
 microseconds per pair outside the forward pass. Like TEI's queue/batcher, this module knows
 nothing of Celery, Redis or processes; the backend is behind the small protocol in backends/.
@@ -38,6 +46,9 @@ BULK = 1
 #: tokens on FastGPT-like lengths) for a little more sorting.
 WINDOW_BUDGETS = {REALTIME: 8, BULK: 64}
 WINDOW_PAIRS = 4096
+#: A batch chosen while the device was busy is chosen again when it finishes if requests came
+#: meanwhile and the batch is under this share of the token budget (docstring, "refill").
+REFILL_BELOW = 0.9
 
 
 
@@ -177,6 +188,7 @@ class Batcher:
         self._on_batch = on_batch
         self._queues: dict[int, collections.deque[Ticket]] = {REALTIME: collections.deque(), BULK: collections.deque()}
         self._cond = threading.Condition()
+        self._arrivals = 0  # requests submitted so far: has anything come since a batch was chosen?
         self._stopped = False
         self._thread = threading.Thread(target=self._model_loop, name="model", daemon=True)
 
@@ -191,6 +203,7 @@ class Batcher:
                     ticket.fail(EngineFailed("the engine is shutting down"))
                     return ticket
                 self._queues[priority].append(ticket)
+                self._arrivals += 1
                 self._cond.notify()
         return ticket
 
@@ -293,14 +306,35 @@ class Batcher:
             handle = self._launch(batch, prepared) if prepared is not None else None
             cpu = time.thread_time() - cpu
             # While the device works: choose and collate the next batch, without waiting for more.
+            seen = self._arrivals
             upcoming = self._next(wait=False)
             upcoming_prepared = self._prepare(upcoming) if upcoming else None
             if handle is not None:
                 self._complete(batch, handle, started, cpu)
+            if upcoming is not None and self._arrivals != seen and self._cost(upcoming) < REFILL_BELOW * self.max_tokens:
+                # Requests came while the device worked, and the batch chosen before they did is
+                # not full: choose again from all that waits now (module docstring, "refill").
+                upcoming = self._retake(upcoming)
+                upcoming_prepared = self._prepare(upcoming) if upcoming else None
             if upcoming is None:  # nothing was waiting: sleep until something is, then go at once
                 upcoming = self._next(wait=True)
                 upcoming_prepared = self._prepare(upcoming) if upcoming else None
             batch, prepared = upcoming, upcoming_prepared
+
+    @staticmethod
+    def _cost(batch: _Batch) -> float:
+        return padded_cost(batch.rows, batch.width)
+
+    def _retake(self, batch: _Batch) -> _Batch | None:
+        """Put a chosen, unlaunched batch's pairs back in their requests and choose anew."""
+        with self._cond:
+            for ticket, taken in batch.groups:
+                pending = np.concatenate([taken, ticket.pending])
+                ticket.pending = pending[np.argsort(-ticket.lengths[pending], kind="stable")]  # longest first again
+                ticket.pending_tokens += int(ticket.lengths[taken].sum())
+            # Its requests are still queued (only the model thread takes them off, and it has not
+            # looked since), so the next batch is chosen as if this one had never been.
+            return self._take()
 
     def _padded(self, batch: _Batch) -> PaddedBatch:
         ids = np.full((batch.rows, batch.width), self.backend.pad_id, dtype=np.int64)

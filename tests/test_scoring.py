@@ -237,6 +237,48 @@ def test_batcher_serves_realtime_before_bulk_and_splits_large_requests():
         batcher.stop()
 
 
+class AsyncBackend(FakeBackend):
+    """Like the GPU: `launch` returns at once and `finish` waits for the device. The first pass
+    can be held at its launch (`at_launch`) and at its finish (`at_finish`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.launched, self.at_launch = threading.Event(), threading.Event()
+        self.finishing, self.at_finish = threading.Event(), threading.Event()
+
+    def launch(self, rows):
+        if not self.launched.is_set():
+            self.launched.set()
+            self.at_launch.wait(5)
+        self.calls.append([len(r) for r in rows])
+        return np.asarray([float(sum(r)) for r in rows], dtype=np.float32)
+
+    def finish(self, handle):
+        if not self.finishing.is_set():
+            self.finishing.set()
+            self.at_finish.wait(5)
+        return handle
+
+
+def test_batcher_chooses_again_when_requests_came_while_the_device_worked():
+    backend = AsyncBackend()
+    batcher = Batcher(backend, max_batch_tokens=10_000).start()
+    try:
+        first = submit(batcher, [[1]])
+        assert backend.launched.wait(5)
+        early = submit(batcher, [[2, 2]])  # waiting when the next batch is chosen, as the pass starts
+        backend.at_launch.set()
+        assert backend.finishing.wait(5)  # the next batch is chosen and collated; the device still works
+        late = [submit(batcher, [[3, 3, 3]]), submit(batcher, [[4, 4, 4, 4]])]
+        backend.at_finish.set()
+        assert first.wait(5).tolist() == [1.0] and early.wait(5).tolist() == [4.0]
+        assert [t.wait(5).tolist() for t in late] == [[9.0], [16.0]]
+        # One second pass for all three, not the one chosen early and then the two that came later.
+        assert [sorted(c) for c in backend.calls] == [[1], [2, 3, 4]]
+    finally:
+        batcher.stop()
+
+
 def test_batcher_drops_expired_work_and_survives_a_failing_batch():
     def fail(rows):
         if any(r[0] == 13 for r in rows):

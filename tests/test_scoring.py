@@ -279,6 +279,24 @@ def test_batcher_chooses_again_when_requests_came_while_the_device_worked():
         batcher.stop()
 
 
+def test_a_realtime_call_that_comes_while_a_bulk_pass_runs_goes_next():
+    backend = AsyncBackend()
+    batcher = Batcher(backend, max_batch_tokens=40).start()
+    try:
+        first = submit(batcher, [[1]])
+        assert backend.launched.wait(5)
+        bulk = submit(batcher, [[7] * 10 for _ in range(8)], priority=BULK)  # two full passes of 4 x 10
+        backend.at_launch.set()
+        assert backend.finishing.wait(5)  # a full bulk batch is chosen; then a call comes
+        realtime = submit(batcher, [[5, 5]], priority=REALTIME)
+        backend.at_finish.set()
+        assert realtime.wait(5).tolist() == [10.0] and bulk.wait(5).tolist() == [70.0] * 8 and first.wait(5)
+        assert [len(c) for c in backend.calls] == [1, 1, 4, 4]  # the call went before the chosen bulk batch
+        assert backend.calls[1] == [2]
+    finally:
+        batcher.stop()
+
+
 def test_batcher_drops_expired_work_and_survives_a_failing_batch():
     def fail(rows):
         if any(r[0] == 13 for r in rows):

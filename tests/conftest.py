@@ -151,6 +151,18 @@ def multi_api(stack_env, model_dir, worker, log_dir) -> Iterator[Stack]:
     proc.stop()
 
 
+@pytest.fixture(scope="session")
+def small_pieces_api(multi_api, log_dir) -> Iterator[Stack]:
+    """multi_api's models and settings, but jobs cut into pieces of 100 pairs (JOB_PIECE_PAIRS; the
+    API cuts them): for tests that stop a worker between pieces. By default a piece holds about a
+    second of the engine's work, and the tiny model does those tests' whole jobs in less."""
+    env = dict(multi_api.env, JOB_PIECE_PAIRS="100")
+    proc, url = start_api("api-small-pieces", env, log_dir)
+    with requests.Session() as session:
+        yield Stack(url, env, proc, session)
+    proc.stop()
+
+
 def pytest_terminal_summary(terminalreporter) -> None:
     """After a run that included tests/test_hardening.py: its figures, as one table."""
     import sys

@@ -275,12 +275,13 @@ def test_the_api_puts_tasks_exactly_on_the_lists_the_triggers_watch(multi_api, r
 
 
 @pytest.mark.stack
-def test_a_worker_scaled_down_mid_job_loses_nothing(multi_api, log_dir):
+def test_a_worker_scaled_down_mid_job_loses_nothing(small_pieces_api, log_dir):
     """What Kubernetes does to a worker pod KEDA scales down: SIGTERM, then time to finish. The job
     still ends with every item once, with no help from VISIBILITY_TIMEOUT (15 min by default)."""
     from tests.test_jobs import make_items, results, status, submit, wait_finished
 
-    env = dict(multi_api.env, JOB_PIECE_PAIRS="20", WORKER_CONCURRENCY="4")
+    multi_api = small_pieces_api  # pieces of 100 pairs: the worker stops between them
+    env = dict(multi_api.env, WORKER_CONCURRENCY="4")
     first = start_worker("worker-spare-scaled-down", env, log_dir, "spare")
     items = make_items(300, seed=14, docs=(5, 12))
     job_id = submit(multi_api, items, token=None, model="spare")

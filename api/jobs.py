@@ -146,12 +146,12 @@ class JobService:
 
         Priced as admission prices a call (each item's cost from its text, at the workers'
         characters per token) against the capacity an engine measured while it warmed up, so a
-        job's pieces are right from its first one. Before, they were sized from the pace of
-        scored traffic, unknown to a fresh engine: the first job after a start was cut into the
-        default 256 pairs, and 4 pieces in flight per worker held 0.2 s of model work; the
-        simulated engine idled between them (a 40 000-pair job: 167 pieces, 3 275 pairs/s; once
-        the pace was known, 10 pieces, 3 583-3 636). The pace stays the measure for workers that
-        announce no capacity."""
+        job's pieces are right from its first one. Sized from the pace of scored traffic, which
+        a fresh engine does not know yet, the first job after a start was cut into the default
+        256 pairs, and 4 pieces in flight per worker held 0.2 s of model work: a 40 000-pair job
+        was 167 pieces instead of 10, and the simulated engine idled between them (3 163 against
+        3 448 pairs/s side by side, docs/performance.md). The pace stays the measure for workers
+        that announce no capacity."""
         if self.settings.job_piece_pairs:
             return PieceSize(self.settings.job_piece_pairs)
         workers = self.workers.alive(model.name)

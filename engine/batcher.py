@@ -10,11 +10,10 @@ the device is busy with the previous one (the next batch is chosen and collated 
 Refill: the batch chosen while the device runs may have been chosen from a few requests, the ones
 that had arrived when the pass started. When the pass ends, if more came meanwhile and that batch
 is not full (or is bulk work and a realtime call came), it is put back and chosen again from
-everything waiting: behind the service's
-feeders, requests trickle in while a pass runs, and batches chosen at a pass's start were half as
-big and less sorted as those the same load made in-process (simulated H100, W2: 80 pairs a batch
-against 144, 81 % of computed tokens real against 91 %). The cost is one more collation, on the
-host, when it happens.
+everything waiting. Behind the service's feeders requests trickle in while a pass runs, and
+batches chosen at a pass's start were about half the size of those the same load made in-process
+(simulated H100, W2: 80 pairs a batch against 144). The cost is one more collation, on the host,
+when it happens.
 
 Everything per pair is numpy, per batch or per ticket Python: the model's process spends
 microseconds per pair outside the forward pass. Like TEI's queue/batcher, this module knows

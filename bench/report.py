@@ -73,22 +73,18 @@ def ratios(r: dict) -> dict[str, float]:
         out["w2_n2_over_n1"] = n2["w2"]["pairs_per_s"] / s["w2"]["pairs_per_s"]
     if "w3" in n2 and "w3" in s:
         out["w3_n2_minus_n1_ms"] = n2["w3"]["p50_ms"] - s["w3"]["p50_ms"]
-    celery = r.get("service_celery", {})
-    if "w2" in celery and "w2" in s:
-        out["w2_direct_over_celery"] = s["w2"]["pairs_per_s"] / celery["w2"]["pairs_per_s"]
-        path = celery["w2"].get("cpu", {}).get("path_us_per_pair")
-        if path and "path_us_per_pair" in cpu:
-            out["w2_path_cpu_direct_over_celery"] = cpu["path_us_per_pair"] / path
-    if "w3" in celery and "w3" in s:
-        out["w3_direct_minus_celery_ms"] = s["w3"]["p50_ms"] - celery["w3"]["p50_ms"]
-    base = r.get("service_baseline", {})
-    if "w2" in base and "w2" in s:
-        out["w2_over_baseline"] = s["w2"]["pairs_per_s"] / base["w2"]["pairs_per_s"]
-        path = base["w2"].get("cpu", {}).get("path_us_per_pair")
-        if path and "path_us_per_pair" in cpu:
-            out["w2_path_cpu_over_baseline"] = cpu["path_us_per_pair"] / path
-    if "w3" in base and "w3" in s:
-        out["w3_minus_baseline_ms"] = s["w3"]["p50_ms"] - base["w3"]["p50_ms"]
+    # The service against a variant measured beside it: the Celery path, another commit's code.
+    for other, w2_key, cpu_key, w3_key in (
+            ("service_celery", "w2_direct_over_celery", "w2_path_cpu_direct_over_celery", "w3_direct_minus_celery_ms"),
+            ("service_baseline", "w2_over_baseline", "w2_path_cpu_over_baseline", "w3_minus_baseline_ms")):
+        o = r.get(other, {})
+        if "w2" in o and "w2" in s:
+            out[w2_key] = s["w2"]["pairs_per_s"] / o["w2"]["pairs_per_s"]
+            path = o["w2"].get("cpu", {}).get("path_us_per_pair")
+            if path and "path_us_per_pair" in cpu:
+                out[cpu_key] = cpu["path_us_per_pair"] / path
+        if "w3" in o and "w3" in s:
+            out[w3_key] = s["w3"]["p50_ms"] - o["w3"]["p50_ms"]
     if "engine_outside_forward_us_per_pair" in cpu:
         out["engine_cpu_us_per_pair_outside_forward"] = cpu["engine_outside_forward_us_per_pair"]
     return out

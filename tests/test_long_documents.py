@@ -110,6 +110,32 @@ def test_huge_documents_are_cut_before_tokenizing_without_changing_any_pair(engi
     assert got.characters < len(huge) / 10  # most of the text was never tokenized
 
 
+@pytest.mark.parametrize("policy", [DocumentPolicy(), DocumentPolicy(direction="left"),
+                                    DocumentPolicy(chunk_overlap=32, max_chunks=4),
+                                    DocumentPolicy(max_doc_tokens=40, direction="left")])
+def test_a_bulk_piece_tokenized_in_one_call_gives_each_request_what_encode_gives(engine, tokenizer, huge_doc,
+                                                                                 policy):
+    """encode_many (a piece's items through the tokenizer at once, documents cut for the widest
+    room) against encode per item: the same pairs, lengths, cuts and character counts."""
+    enc = engine.encoder
+    huge, _ = huge_doc
+    texts = documents_of_length(tokenizer, [5, 40, 200, 700, 1500], seed=9)
+    requests_ = [("q", texts[:2]), ("a much longer query " * 30, [huge, texts[2]]), ("", texts[3:]),
+                 ("q2", [])]
+    for max_length in (512, 128):
+        many = enc.encode_many(requests_, policy, max_length)
+        for (query, docs), got in zip(requests_, many, strict=True):
+            one = enc.encode(query, docs, policy, max_length)
+            assert got.sequences() == one.sequences() and got.owners.tolist() == one.owners.tolist()
+            assert (got.truncated is None) == (one.truncated is None)
+            assert got.truncated is None or got.truncated.tolist() == one.truncated.tolist()
+            # Cut for the widest room, a huge document gives more of its text to the tokenizer,
+            # at the same characters per token (what the worker measures and the API prices by).
+            assert got.characters >= one.characters and got.tokenized >= one.tokenized
+            if one.tokenized:
+                assert got.characters / got.tokenized == pytest.approx(one.characters / one.tokenized, rel=0.05)
+
+
 def test_out_of_memory_in_the_scoring_path_is_recovered_by_splitting(engine, tokenizer, monkeypatch):
     """The real torch backend whose model runs out of memory on batches of more than two pairs."""
     backend: TorchBackend = engine.scorer.batcher.backend

@@ -18,7 +18,7 @@ from shared import tracing
 from shared.ranking import results_of
 from shared.schemas import PieceTask, ScoreOptions
 from worker.context import WorkerContext
-from worker.scoring import encode, failure_of, scored
+from worker.scoring import encode_many, failure_of, scored
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ def _run_piece(ctx: WorkerContext, task: PieceTask) -> str:
     tracing.current().set_attributes({"rerank.items": len(items), "rerank.pairs": pairs})
     try:
         with tracing.span("rerank.tokenize", {"rerank.items": len(items)}) as span:
-            encoded = [encode(ctx, item["query"], item["documents"], options) for item in items]
+            encoded = encode_many(ctx, [(item["query"], item["documents"]) for item in items], options)
             whole = Encoded.concat(encoded)
             span.set_attributes({"rerank.pairs": whole.pairs, "rerank.tokens": whole.tokens})
         ctx.chars_per_token.record(whole.characters, whole.tokenized)

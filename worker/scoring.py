@@ -30,6 +30,14 @@ def encode(ctx: WorkerContext, query: str, documents: Sequence[str], options: Sc
     return encoder.encode(query, documents, policy, instruction=options.instruction)
 
 
+def encode_many(ctx: WorkerContext, requests: Sequence[tuple[str, Sequence[str]]],
+                options: ScoreOptions) -> list[Encoded]:
+    """Pair inputs of several calls under the same options (a bulk piece's items), tokenized together."""
+    encoder = ctx.engine.encoder
+    policy = policy_of(options, ctx.settings.max_chunks)
+    return encoder.encode_many(requests, policy, instruction=options.instruction)
+
+
 def scored(scores: Scores) -> Scored:
     """The engine's numpy answer as the API's Scored."""
     return Scored(

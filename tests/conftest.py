@@ -153,10 +153,10 @@ def multi_api(stack_env, model_dir, worker, log_dir) -> Iterator[Stack]:
 
 @pytest.fixture(scope="session")
 def small_pieces_api(multi_api, log_dir) -> Iterator[Stack]:
-    """multi_api's models and settings, but jobs cut into pieces of 100 pairs (JOB_PIECE_PAIRS; the
+    """multi_api's models and settings, but jobs cut into pieces of 200 pairs (JOB_PIECE_PAIRS; the
     API cuts them): for tests that stop a worker between pieces. By default a piece holds about a
     second of the engine's work, and the tiny model does those tests' whole jobs in less."""
-    env = dict(multi_api.env, JOB_PIECE_PAIRS="100")
+    env = dict(multi_api.env, JOB_PIECE_PAIRS="200")
     proc, url = start_api("api-small-pieces", env, log_dir)
     with requests.Session() as session:
         yield Stack(url, env, proc, session)

@@ -321,7 +321,7 @@ def _cmdline(pid: int) -> str:
 
 
 def test_killed_worker_holding_job_pieces_has_them_handed_out_within_a_minute(small_pieces_api, log_dir, redis_url):
-    multi_api = small_pieces_api  # pieces of 100 pairs: the victim holds several when it dies
+    multi_api = small_pieces_api  # pieces of 200 pairs: the victim holds several when it dies
     # VISIBILITY_TIMEOUT is left at its 900 s default: only the heartbeat-based redelivery can help.
     env = {k: v for k, v in multi_api.env.items() if k != "VISIBILITY_TIMEOUT"}
     env.update(REDELIVER_AFTER="3", WORKER_CONCURRENCY="4")

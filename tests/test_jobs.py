@@ -191,7 +191,7 @@ def test_cancel_stops_pieces_from_starting(multi_api, log_dir):
 
 
 def test_worker_killed_mid_job_loses_and_duplicates_nothing(small_pieces_api, log_dir):
-    multi_api = small_pieces_api  # pieces of 100 pairs: the worker dies between them
+    multi_api = small_pieces_api  # pieces of 200 pairs: the worker dies between them
     env = dict(multi_api.env, VISIBILITY_TIMEOUT="5", WORKER_CONCURRENCY="4")
     first = start_worker("worker-spare-victim", env, log_dir, "spare")
     items = make_items(600, seed=6, docs=(5, 12))

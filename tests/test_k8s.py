@@ -280,7 +280,7 @@ def test_a_worker_scaled_down_mid_job_loses_nothing(small_pieces_api, log_dir):
     still ends with every item once, with no help from VISIBILITY_TIMEOUT (15 min by default)."""
     from tests.test_jobs import make_items, results, status, submit, wait_finished
 
-    multi_api = small_pieces_api  # pieces of 100 pairs: the worker stops between them
+    multi_api = small_pieces_api  # pieces of 200 pairs: the worker stops between them
     env = dict(multi_api.env, WORKER_CONCURRENCY="4")
     first = start_worker("worker-spare-scaled-down", env, log_dir, "spare")
     items = make_items(300, seed=14, docs=(5, 12))

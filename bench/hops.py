@@ -75,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         query, document = "what is a reranker", "A reranker scores each document against the query. " * 8
         call = http_caller(service.url)  # the load generator's lean client (bench/measure.py)
-        health = http.client.HTTPConnection(*urlsplit(service.url)[1].split(":"), timeout=30)
+        where = urlsplit(service.url)
+        health = http.client.HTTPConnection(where.hostname, where.port, timeout=30)
 
         def get_health() -> None:
             health.request("GET", "/health")

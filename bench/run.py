@@ -39,9 +39,9 @@ from pathlib import Path
 
 from bench import workloads
 from bench.report import machine, write
-from bench.stack import Ceiling, Naive, Service, model_dir
-from rerank.procs import ROOT
+from bench.stack import Ceiling, Naive, Service, commit_tree, model_dir
 from bench.workloads import Workloads, make_workloads, seed_profile
+from rerank.procs import ROOT
 
 
 def measure(path: Path, w: Workloads, only: set[str], log_dir: Path, args) -> dict[str, dict]:
@@ -106,16 +106,6 @@ def measure(path: Path, w: Workloads, only: set[str], log_dir: Path, args) -> di
     return out
 
 
-def baseline_tree(ref: str, where: Path) -> Path:
-    """The source tree of commit `ref`, extracted under `where` (its model folders and caches are
-    this run's: only the code differs)."""
-    code = where / "baseline-code"
-    code.mkdir()
-    archive = subprocess.run(["git", "archive", ref], cwd=ROOT, capture_output=True, check=True).stdout
-    subprocess.run(["tar", "-x", "-C", str(code)], input=archive, check=True)
-    return code
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -161,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
                        doc_tokens=(150, 650) if gpu else (30, 400))
     log_dir = Path(tempfile.mkdtemp(prefix="rerank-bench-"))
     print(f"logs in {log_dir} (removed after a run that ends well)", flush=True)
-    args.baseline_code = baseline_tree(args.baseline, log_dir) if args.baseline else None
+    # Only the code differs: its model folders and caches are this run's.
+    args.baseline_code = commit_tree(args.baseline, log_dir / "baseline-code") if args.baseline else None
     results: dict[str, dict] = {"ceiling": {}, "naive": {}, "before": {}, "service": {}}
     try:
         if "w1" in only:

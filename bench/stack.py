@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -30,6 +31,15 @@ def model_dir(arch: str, weights: bool = True) -> Path:
         print(f"building a random {arch} model in {path}", flush=True)
         build_model(path, arch, weights=weights)
     return path
+
+
+def commit_tree(ref: str, folder: Path) -> Path:
+    """The source tree of commit `ref` (git archive), extracted into the new folder `folder`: what a
+    benchmark runs as "before" to measure a change side by side, in this virtual environment."""
+    folder.mkdir()
+    archive = subprocess.run(["git", "archive", ref], cwd=ROOT, capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(folder)], input=archive, check=True)
+    return folder
 
 
 def served_env(**overrides: str) -> dict[str, str]:

@@ -36,8 +36,8 @@ from pathlib import Path
 import requests
 
 from bench.report import RESULTS
-from rerank.launch import free_port
-from rerank.procs import ROOT, Proc, base_env, start_api, start_redis, start_worker, wait_for
+from bench.stack import commit_tree
+from rerank.procs import ROOT, base_env, start_api, start_redis, start_worker
 from rerank.random_model import build_model, sentence
 
 #: Span helpers a realtime call goes through while tracing is off (API and worker together):
@@ -104,19 +104,6 @@ def off_helper_ns(repeat: int = 200_000) -> float:
     return float(out.stdout.strip())
 
 
-def start_elsewhere(name: str, env: dict, work: Path, code: Path) -> tuple[Proc, Proc, str]:
-    """A worker and an API of the code in `code` (another commit's tree), and the API's URL."""
-    client = __import__("redis").Redis.from_url(env["REDIS_URL"])
-    worker = Proc(f"worker-{name}", [sys.executable, "-m", "worker", "--model", name], env, work, cwd=code)
-    wait_for(lambda: client.scard(f"rerank:workers:{name}"), 90, f"worker {name}", worker)
-    port = free_port()
-    api = Proc(f"api-{name}", [sys.executable, "-m", "gunicorn", "-c", str(code / "api" / "gunicorn.conf.py")],
-               dict(env, PORT=str(port), HOST="127.0.0.1", API_WORKERS="1"), work, cwd=code)
-    url = f"http://127.0.0.1:{port}"
-    wait_for(lambda: requests.get(url + "/health", timeout=1).ok, 30, name, api)
-    return worker, api, url
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per stack")
@@ -148,13 +135,12 @@ def main() -> None:
             procs.append(api)
             stacks[name] = url
         if args.before:
-            code = work / "before"
-            code.mkdir()
-            archive = subprocess.run(["git", "archive", args.before], cwd=ROOT, capture_output=True, check=True).stdout
-            subprocess.run(["tar", "-x", "-C", str(code)], input=archive, check=True)
+            code = commit_tree(args.before, work / "before")
             env = {k: v for k, v in base_env(**common).items() if not k.startswith("OTEL_")}
-            worker, api, url = start_elsewhere("before", dict(env, MODELS=f"before={model}"), work, code)
-            procs += [worker, api]
+            env.update(MODELS=f"before={model}")
+            procs.append(start_worker("worker-before", env, work, "before", code=code))
+            api, url = start_api("api-before", env, work, code=code)
+            procs.append(api)
             stacks["before"] = url
         for url in stacks.values():
             sequential(url, calls(20, 99))  # warm: connections, caches, the first batches
